@@ -1,0 +1,73 @@
+//! Replica backends behind one small, object-safe trait.
+//!
+//! ```text
+//!                 dyn Replica (size, read_at, write_at, write_zeroes,
+//!                    │         discard, flush, block_status)
+//!      ┌─────────────┼──────────────┬─────────────────┐
+//!   RawReplica   Qcow2Replica    NbdReplica     FaultyReplica
+//!  (file/block,  (imago, with    (later work)   (test-utils: errors,
+//!   pread/pwrite) backing chain)                 corruption, delays)
+//! ```
+//!
+//! Calls are blocking and may run concurrently from many threads (`&self`);
+//! the engine fans requests out on a thread pool.
+#![warn(missing_docs)]
+
+mod error;
+
+pub use error::{ErrorKind, ReplicaError, Result};
+
+/// One extent of a block-status answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (> 0).
+    pub length: u64,
+    /// Reads of this range return zeroes.
+    pub zero: bool,
+    /// Not allocated in this replica (a hole, or not allocated in any layer).
+    pub hole: bool,
+}
+
+/// A replica: one copy of the virtual disk.
+///
+/// Contract for every method:
+/// - `offset + len` must lie within `size()`; otherwise the call fails with
+///   [`ErrorKind::OutOfRange`] and does nothing.
+/// - No alignment is required of callers; backends that need it bounce.
+/// - Errors carry an errno class ([`ReplicaError::errno`]) so the engine can
+///   vote on them; an optional operation a backend lacks fails with
+///   [`ErrorKind::Unsupported`], never a panic.
+pub trait Replica: Send + Sync + std::fmt::Debug {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fill `buf` entirely from `offset`. There are no short reads: either
+    /// every byte is read or an error is returned.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Write all of `buf` at `offset`. With `fua`, the data is on stable
+    /// storage when this returns.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
+
+    /// Make `len` bytes at `offset` read as zeroes. With `may_unmap`, the
+    /// backend may deallocate the range instead of writing zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()>;
+
+    /// Deallocate `len` bytes at `offset`. Contents afterwards are
+    /// unspecified (most backends read zeroes). Default: unsupported.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(ReplicaError::unsupported("discard"))
+    }
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Allocation and zero status of `[offset, offset + len)`, as extents
+    /// that cover the range from `offset` in order (the last one may end
+    /// early: callers ask again). Default: all data.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent { length: len, zero: false, hole: false }])
+    }
+}

@@ -1,0 +1,8 @@
+//! One module per subcommand; each exposes `Args` (clap) and `run`.
+
+pub mod check;
+pub mod create;
+pub mod dumpxml;
+pub mod qemu_args;
+pub mod serve;
+pub mod validate;
