@@ -213,11 +213,13 @@ fn push_merged(
     source: usize,
     dissent: Mask,
 ) {
-    if let Some(last) = blocks.last_mut() {
-        if last.start + last.len == start && last.source == source && last.dissent == dissent {
-            last.len += len;
-            return;
-        }
+    if let Some(last) = blocks.last_mut()
+        && last.start + last.len == start
+        && last.source == source
+        && last.dissent == dissent
+    {
+        last.len += len;
+        return;
     }
     blocks.push(BlockVote {
         start,
