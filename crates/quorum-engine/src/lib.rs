@@ -1,1 +1,27 @@
-//! TODO
+//! The quorum engine: one virtual disk over N replicas.
+//!
+//! ```text
+//!   read(off, buf) ──▶ range lock (shared) ──▶ fan out to N replicas ──▶ quorum_vote
+//!                                                         │        ├─ winner → buf
+//!                                                         │        ├─ REPORT_BAD events
+//!                                                         │        └─ rewrite losers (rewrite-corrupted)
+//!   write/zero/discard ──▶ range lock (exclusive) ──▶ all replicas ──▶ ≥ T ok, else errno vote
+//!   flush ──▶ all replicas in parallel ──▶ ≥ T ok
+//! ```
+//!
+//! Calls are blocking and thread-safe; the NBD server runs them on a
+//! blocking pool. Large requests fan out on the engine's own worker threads.
+#![warn(missing_docs)]
+
+mod disk;
+mod events;
+mod open;
+mod pool;
+mod range_lock;
+
+pub use disk::{
+    BuildError, Disk, Divergence, IoError, Options, ReadPattern, merge_status, strerror,
+};
+pub use events::{Event, OpType, ReplicaStats, sectors};
+pub use open::{OpenError, OpenOptions, open, options_from_config};
+pub use quorum_vote::{Granularity, Mask};

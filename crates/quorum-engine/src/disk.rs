@@ -1,0 +1,817 @@
+//! The quorum disk: fans every request out to the replicas and applies the
+//! read vote, the write/flush threshold rule, and rewrite-corrupted.
+
+use std::fmt;
+
+use quorum_replica::{Extent, Replica, ReplicaError};
+use quorum_vote::{BlockVote, Copy, Granularity, Mask, Verdict, vote_read, vote_status};
+
+use crate::events::{Counters, Event, EventBus, OpType, ReplicaStats, sectors};
+use crate::pool::BufPool;
+use crate::range_lock::RangeLock;
+
+pub use quorum_config::ReadPattern;
+
+/// Requests at least this large read their replicas on the worker pool in
+/// parallel; smaller ones read them one after another on the calling
+/// thread, which is cheaper than two thread hand-offs when the data is in
+/// page cache.
+const PARALLEL_MIN: usize = 64 << 10;
+
+/// Voting and access options of a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Copies that must agree (reads) or succeed (writes, flush).
+    pub threshold: usize,
+    /// Vote, or read in order.
+    pub read_pattern: ReadPattern,
+    /// Rewrite the blocks that lost a vote before replying.
+    pub rewrite_corrupted: bool,
+    /// Two replicas that must be identical; a mismatch fails the read.
+    pub blkverify: bool,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Vote granularity.
+    pub granularity: Granularity,
+    /// The disk's id in `QUORUM_FAILURE` events (`reference`).
+    pub id: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            threshold: 1,
+            read_pattern: ReadPattern::Quorum,
+            rewrite_corrupted: false,
+            blkverify: false,
+            read_only: false,
+            granularity: Granularity::Block(4096),
+            id: "quorum0".into(),
+        }
+    }
+}
+
+/// A failed disk request: the errno returned to the client, with context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoError {
+    /// The errno (EIO, ENOSPC, EPERM, ...).
+    pub errno: i32,
+    /// The operation.
+    pub op: &'static str,
+    /// Offset and length of the request.
+    pub offset: u64,
+    /// Length of the request.
+    pub len: u64,
+}
+
+impl fmt::Display for IoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at offset {} length {} failed: {}",
+            self.op,
+            self.offset,
+            self.len,
+            strerror(self.errno)
+        )
+    }
+}
+
+impl std::error::Error for IoError {}
+
+/// The C library's message for an errno.
+pub fn strerror(errno: i32) -> String {
+    std::io::Error::from_raw_os_error(errno)
+        .to_string()
+        .split(" (os error")
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    replica: Box<dyn Replica>,
+    counters: Counters,
+}
+
+/// One virtual disk over N replicas.
+pub struct Disk {
+    slots: Vec<Slot>,
+    opts: Options,
+    size: u64,
+    events: EventBus,
+    ranges: RangeLock,
+    pool: BufPool,
+    workers: rayon::ThreadPool,
+}
+
+impl fmt::Debug for Disk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Disk")
+            .field("slots", &self.slots)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+/// Why a disk could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Replicas disagree on their virtual size.
+    #[error(
+        "replica {name} has size {size} bytes, but replica {first_name} has {first_size} bytes; all replicas must have the same size"
+    )]
+    SizeMismatch {
+        /// The replica that differs.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// The first replica.
+        first_name: String,
+        /// Its size.
+        first_size: u64,
+    },
+    /// Threshold, replica count or options do not fit together.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Outcome of reading and voting one range (shared by reads and scrub).
+struct Voted {
+    verdict: Verdict,
+    extra: Vec<Vec<u8>>,
+}
+
+/// A divergent range found by [`Disk::scrub`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// Absolute offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Replicas that lost the vote (or all that read, when there is no quorum).
+    pub bad: Mask,
+    /// Replicas whose read failed.
+    pub failed: Mask,
+    /// The range has a majority (it can be repaired).
+    pub has_quorum: bool,
+    /// The losers were rewritten with the majority.
+    pub repaired: bool,
+}
+
+impl Disk {
+    /// Assemble a disk from opened replicas, named for events.
+    pub fn new(
+        replicas: Vec<(String, Box<dyn Replica>)>,
+        opts: Options,
+    ) -> Result<Disk, BuildError> {
+        let n = replicas.len();
+        if n == 0 || n > quorum_vote::MAX_REPLICAS {
+            return Err(BuildError::Invalid(format!(
+                "a quorum needs 1 to {} replicas, got {n}",
+                quorum_vote::MAX_REPLICAS
+            )));
+        }
+        if !(1..=n).contains(&opts.threshold) {
+            return Err(BuildError::Invalid(format!(
+                "threshold {} must be between 1 and the number of replicas ({n})",
+                opts.threshold
+            )));
+        }
+        if opts.blkverify && (n != 2 || opts.threshold != 2) {
+            return Err(BuildError::Invalid(
+                "blkverify needs exactly 2 replicas and threshold 2".into(),
+            ));
+        }
+        let size = replicas[0].1.size();
+        for (name, r) in &replicas[1..] {
+            if r.size() != size {
+                return Err(BuildError::SizeMismatch {
+                    name: name.clone(),
+                    size: r.size(),
+                    first_name: replicas[0].0.clone(),
+                    first_size: size,
+                });
+            }
+        }
+        let workers = rayon::ThreadPoolBuilder::new()
+            .num_threads((4 * n).max(8))
+            .thread_name(|i| format!("quorum-io-{i}"))
+            .build()
+            .map_err(|e| BuildError::Invalid(format!("cannot start I/O threads: {e}")))?;
+        let slots = replicas
+            .into_iter()
+            .map(|(name, replica)| Slot {
+                name,
+                replica,
+                counters: Counters::default(),
+            })
+            .collect();
+        Ok(Disk {
+            slots,
+            opts,
+            size,
+            events: EventBus::default(),
+            ranges: RangeLock::default(),
+            pool: BufPool::default(),
+            workers,
+        })
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of replicas.
+    pub fn replica_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Node names of the replicas, in order.
+    pub fn replica_names(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// The options the disk runs with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Receive every event from now on (nothing is merged or dropped).
+    pub fn subscribe(&self) -> std::sync::mpsc::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Exact per-replica counters.
+    pub fn stats(&self) -> Vec<ReplicaStats> {
+        self.slots
+            .iter()
+            .map(|s| s.counters.snapshot(&s.name))
+            .collect()
+    }
+
+    fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<(), IoError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(IoError {
+                errno: libc::EINVAL,
+                op,
+                offset,
+                len,
+            }),
+        }
+    }
+
+    fn check_writable(&self, op: &'static str, offset: u64, len: u64) -> Result<(), IoError> {
+        if self.opts.read_only {
+            return Err(IoError {
+                errno: libc::EPERM,
+                op,
+                offset,
+                len,
+            });
+        }
+        self.check_range(op, offset, len)
+    }
+
+    /// Run `f` on every replica; in parallel on the worker pool when asked.
+    fn fan_out<T: Send>(&self, parallel: bool, f: impl Fn(usize, &Slot) -> T + Sync) -> Vec<T> {
+        if !parallel || self.slots.len() == 1 {
+            return self
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| f(i, s))
+                .collect();
+        }
+        let mut out: Vec<Option<T>> = (0..self.slots.len()).map(|_| None).collect();
+        let f = &f;
+        self.workers.scope(|scope| {
+            let mut iter = out.iter_mut().zip(&self.slots).enumerate();
+            let first = iter.next();
+            for (i, (o, s)) in iter {
+                scope.spawn(move |_| *o = Some(f(i, s)));
+            }
+            if let Some((i, (o, s))) = first {
+                *o = Some(f(i, s));
+            }
+        });
+        out.into_iter()
+            .map(|o| o.expect("every replica ran"))
+            .collect()
+    }
+
+    fn report_bad(&self, i: usize, op: OpType, err: Option<&ReplicaError>, offset: u64, len: u64) {
+        let slot = &self.slots[i];
+        let (sector_num, sectors_count) = match op {
+            OpType::Flush => (0, 0),
+            _ => sectors(offset, len),
+        };
+        self.events.emit(Event::ReportBad {
+            op,
+            error: err.map(|e| strerror(e.errno())),
+            node_name: slot.name.clone(),
+            sector_num,
+            sectors_count,
+        });
+    }
+
+    fn report_failure(&self, offset: u64, len: u64) {
+        let (sector_num, sectors_count) = sectors(offset, len);
+        self.events.emit(Event::Failure {
+            reference: self.opts.id.clone(),
+            sector_num,
+            sectors_count,
+        });
+    }
+
+    /// Read `buf.len()` bytes at `offset`, by the disk's read pattern.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let len = buf.len() as u64;
+        self.check_range("read", offset, len)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.ranges.lock(offset, len, false);
+        match self.opts.read_pattern {
+            ReadPattern::Fifo => self.read_fifo(offset, buf),
+            ReadPattern::Quorum => self.read_quorum(offset, buf),
+        }
+    }
+
+    fn read_fifo(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let len = buf.len() as u64;
+        let mut errno = quorum_vote::EIO;
+        for (i, slot) in self.slots.iter().enumerate() {
+            match slot.replica.read_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    Counters::add(&slot.counters.read_errors, 1);
+                    self.report_bad(i, OpType::Read, Some(&e), offset, len);
+                    errno = e.errno();
+                }
+            }
+        }
+        self.report_failure(offset, len);
+        Err(IoError {
+            errno,
+            op: "read",
+            offset,
+            len,
+        })
+    }
+
+    /// Read every replica (replica 0 straight into `buf`) and vote.
+    fn read_and_vote(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        granularity: Granularity,
+    ) -> (Voted, Vec<Option<ReplicaError>>) {
+        let len = buf.len();
+        let mut extra: Vec<Vec<u8>> = (1..self.slots.len()).map(|_| self.pool.get(len)).collect();
+        let results: Vec<Result<(), ReplicaError>> = {
+            let mut targets: Vec<&mut [u8]> = Vec::with_capacity(self.slots.len());
+            targets.push(&mut *buf);
+            targets.extend(extra.iter_mut().map(|b| &mut b[..len]));
+            let targets: Vec<parking_lot::Mutex<&mut [u8]>> =
+                targets.into_iter().map(parking_lot::Mutex::new).collect();
+            self.fan_out(len >= PARALLEL_MIN, |i, s| {
+                let mut t = targets[i].lock();
+                s.replica.read_at(&mut t, offset)
+            })
+        };
+        let copies: Vec<Copy<'_>> = results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match r {
+                Ok(()) if i == 0 => Copy::Data(&*buf),
+                Ok(()) => Copy::Data(&extra[i - 1][..len]),
+                Err(e) => Copy::Failed(e.errno()),
+            })
+            .collect();
+        let verdict = vote_read(&copies, self.opts.threshold, offset, granularity);
+        drop(copies);
+        let errors = results.into_iter().map(Result::err).collect();
+        (Voted { verdict, extra }, errors)
+    }
+
+    fn read_quorum(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let len = buf.len() as u64;
+        let (voted, errors) = self.read_and_vote(offset, buf, self.opts.granularity);
+        for (i, e) in errors.iter().enumerate() {
+            if let Some(e) = e {
+                Counters::add(&self.slots[i].counters.read_errors, 1);
+                self.report_bad(i, OpType::Read, Some(e), offset, len);
+            }
+        }
+        let result = match &voted.verdict {
+            Verdict::NoQuorum { errno, .. } => {
+                self.report_failure(offset, len);
+                Err(IoError {
+                    errno: *errno,
+                    op: "read",
+                    offset,
+                    len,
+                })
+            }
+            Verdict::Agreed { blocks, .. }
+                if self.opts.blkverify && voted.verdict.has_dissent() =>
+            {
+                let first = blocks
+                    .iter()
+                    .find(|b| b.dissent != 0)
+                    .map_or(0, |b| b.start);
+                let at = first + first_difference(&voted, buf, first);
+                let (sector_num, sectors_count) = sectors(offset, len);
+                self.events.emit(Event::BlkverifyMismatch {
+                    reference: self.opts.id.clone(),
+                    offset: offset + at as u64,
+                    sector_num,
+                    sectors_count,
+                });
+                Err(IoError {
+                    errno: libc::EIO,
+                    op: "read",
+                    offset,
+                    len,
+                })
+            }
+            Verdict::Agreed { blocks, .. } => {
+                assemble(buf, blocks, &voted.extra);
+                self.report_dissent(offset, blocks);
+                if self.opts.rewrite_corrupted {
+                    self.rewrite(offset, buf, blocks, None);
+                }
+                Ok(())
+            }
+        };
+        for b in voted.extra {
+            self.pool.put(b);
+        }
+        result
+    }
+
+    /// One REPORT_BAD per replica and contiguous losing range.
+    fn report_dissent(&self, offset: u64, blocks: &[BlockVote]) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            let ranges = losing_ranges(blocks, i);
+            if ranges.is_empty() {
+                continue;
+            }
+            Counters::add(&slot.counters.voted_out_reads, 1);
+            for (start, len) in ranges {
+                Counters::add(&slot.counters.voted_out_bytes, len as u64);
+                self.report_bad(i, OpType::Read, None, offset + start as u64, len as u64);
+            }
+        }
+    }
+
+    /// Write the winning bytes (`buf`) over every block a replica lost.
+    /// Returns the replicas whose rewrite failed.
+    fn rewrite(&self, offset: u64, buf: &[u8], blocks: &[BlockVote], only: Option<Mask>) -> Mask {
+        let mut failed = 0;
+        for (i, slot) in self.slots.iter().enumerate() {
+            if only.is_some_and(|m| m & (1 << i) == 0) {
+                continue;
+            }
+            for (start, len) in losing_ranges(blocks, i) {
+                let data = &buf[start..start + len];
+                match slot.replica.write_at(data, offset + start as u64, false) {
+                    Ok(()) => {
+                        Counters::add(&slot.counters.rewrites, 1);
+                        Counters::add(&slot.counters.rewritten_bytes, len as u64);
+                    }
+                    Err(e) => {
+                        failed |= 1 << i;
+                        Counters::add(&slot.counters.rewrite_errors, 1);
+                        tracing::warn!(replica = %slot.name, error = %e, "rewrite of a corrupted range failed");
+                    }
+                }
+            }
+        }
+        failed
+    }
+
+    /// Apply `op` to every replica under an exclusive range lock; success at
+    /// `threshold` successes.
+    fn replicate(
+        &self,
+        name: &'static str,
+        offset: u64,
+        len: u64,
+        op: impl Fn(&dyn Replica) -> Result<(), ReplicaError> + Sync,
+    ) -> Result<(), IoError> {
+        self.check_writable(name, offset, len)?;
+        let _guard = self.ranges.lock(offset, len, true);
+        let results = self.fan_out(len as usize >= PARALLEL_MIN, |_, s| op(&*s.replica));
+        self.settle(name, OpType::Write, offset, len, &results)
+    }
+
+    fn settle(
+        &self,
+        name: &'static str,
+        op: OpType,
+        offset: u64,
+        len: u64,
+        results: &[Result<(), ReplicaError>],
+    ) -> Result<(), IoError> {
+        for (i, r) in results.iter().enumerate() {
+            if let Err(e) = r {
+                let c = &self.slots[i].counters;
+                Counters::add(
+                    if op == OpType::Flush {
+                        &c.flush_errors
+                    } else {
+                        &c.write_errors
+                    },
+                    1,
+                );
+                self.report_bad(i, op, Some(e), offset, len);
+            }
+        }
+        let statuses: Vec<Result<(), i32>> = results
+            .iter()
+            .map(|r| r.as_ref().map(|_| ()).map_err(ReplicaError::errno))
+            .collect();
+        vote_status(&statuses, self.opts.threshold).map_err(|errno| {
+            if op == OpType::Flush {
+                self.report_failure(0, 0);
+            } else {
+                self.report_failure(offset, len);
+            }
+            IoError {
+                errno,
+                op: name,
+                offset,
+                len,
+            }
+        })
+    }
+
+    /// Write `data` at `offset` to every replica (FUA passed to each).
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+        self.replicate("write", offset, data.len() as u64, |r| {
+            r.write_at(data, offset, fua)
+        })
+    }
+
+    /// Make a range read as zeroes on every replica.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), IoError> {
+        self.replicate("write_zeroes", offset, len, |r| {
+            r.write_zeroes(offset, len, may_unmap, fua)
+        })
+    }
+
+    /// Deallocate a range on every replica.
+    ///
+    /// Done as zeroing with unmap allowed, never as a plain discard: replicas
+    /// of different kinds read different things after a discard (zeroes, a
+    /// backing file's data), and a later vote would take that for corruption.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.replicate("discard", offset, len, |r| {
+            r.write_zeroes(offset, len, true, false)
+        })
+    }
+
+    /// Flush every replica in parallel; success at `threshold` successes.
+    pub fn flush(&self) -> Result<(), IoError> {
+        let results = self.fan_out(true, |_, s| s.replica.flush());
+        self.settle("flush", OpType::Flush, 0, 0, &results)
+    }
+
+    /// Block status: zero (and hole) only where every replica says so.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, IoError> {
+        self.check_range("block_status", offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let results = self.fan_out(false, |_, s| s.replica.block_status(offset, len));
+        let lists: Vec<Vec<Extent>> = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|_| {
+                    vec![Extent {
+                        length: len,
+                        zero: false,
+                        hole: false,
+                    }]
+                })
+            })
+            .collect();
+        Ok(merge_status(&lists))
+    }
+
+    /// Read and vote `[offset, offset + len)` without events, reporting the
+    /// ranges where replicas disagree; with `repair`, rewrite the losers.
+    /// A range without quorum is reported and never repaired.
+    pub fn scrub(&self, offset: u64, len: u64, repair: bool) -> Result<Vec<Divergence>, IoError> {
+        self.check_range("scrub", offset, len)?;
+        if repair {
+            self.check_writable("scrub", offset, len)?;
+        }
+        let _guard = self.ranges.lock(offset, len, repair);
+        let mut buf = self.pool.get(len as usize);
+        let buf_slice = &mut buf[..len as usize];
+        let (voted, _errors) = self.read_and_vote(offset, buf_slice, self.opts.granularity);
+        let mut out = Vec::new();
+        match &voted.verdict {
+            Verdict::Agreed { blocks, failed } => {
+                assemble(buf_slice, blocks, &voted.extra);
+                let rewrite_failed = if repair {
+                    self.rewrite(offset, buf_slice, blocks, None)
+                } else {
+                    0
+                };
+                for b in blocks.iter().filter(|b| b.dissent != 0) {
+                    out.push(Divergence {
+                        offset: offset + b.start as u64,
+                        length: b.len as u64,
+                        bad: b.dissent,
+                        failed: *failed,
+                        has_quorum: true,
+                        repaired: repair && b.dissent & rewrite_failed == 0,
+                    });
+                }
+                if *failed != 0 && out.is_empty() {
+                    out.push(Divergence {
+                        offset,
+                        length: len,
+                        bad: 0,
+                        failed: *failed,
+                        has_quorum: true,
+                        repaired: false,
+                    });
+                }
+            }
+            Verdict::NoQuorum {
+                failed, undecided, ..
+            } => {
+                let all: Mask = (1 << self.slots.len()) - 1;
+                let ranges = if undecided.is_empty() {
+                    vec![(0, len as usize)]
+                } else {
+                    undecided.clone()
+                };
+                for (start, l) in ranges {
+                    out.push(Divergence {
+                        offset: offset + start as u64,
+                        length: l as u64,
+                        bad: all & !failed,
+                        failed: *failed,
+                        has_quorum: false,
+                        repaired: false,
+                    });
+                }
+                // Blocks that do have a majority can still be repaired.
+                if repair && !undecided.is_empty() {
+                    self.repair_decided(offset, buf_slice, &voted, undecided, &mut out);
+                }
+            }
+        }
+        for b in voted.extra {
+            self.pool.put(b);
+        }
+        self.pool.put(buf);
+        Ok(out)
+    }
+
+    /// In a range that failed as a whole, re-vote and repair the blocks that
+    /// have a majority on their own.
+    fn repair_decided(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        voted: &Voted,
+        undecided: &[(usize, usize)],
+        out: &mut Vec<Divergence>,
+    ) {
+        let mut at = 0;
+        let mut decided = Vec::new();
+        for &(s, l) in undecided {
+            if s > at {
+                decided.push((at, s - at));
+            }
+            at = s + l;
+        }
+        if at < buf.len() {
+            decided.push((at, buf.len() - at));
+        }
+        for (s, l) in decided {
+            let sub_off = offset + s as u64;
+            let mut sub: Vec<&[u8]> = vec![&buf[s..s + l]];
+            sub.extend(voted.extra.iter().map(|e| &e[s..s + l]));
+            let copies: Vec<Copy<'_>> = sub.into_iter().map(Copy::Data).collect();
+            if let Verdict::Agreed { blocks, .. } =
+                vote_read(&copies, self.opts.threshold, sub_off, self.opts.granularity)
+            {
+                let mut data = buf[s..s + l].to_vec();
+                let extra: Vec<Vec<u8>> =
+                    voted.extra.iter().map(|e| e[s..s + l].to_vec()).collect();
+                assemble(&mut data, &blocks, &extra);
+                let failed = self.rewrite(sub_off, &data, &blocks, None);
+                for b in blocks.iter().filter(|b| b.dissent != 0) {
+                    out.push(Divergence {
+                        offset: sub_off + b.start as u64,
+                        length: b.len as u64,
+                        bad: b.dissent,
+                        failed: 0,
+                        has_quorum: true,
+                        repaired: b.dissent & failed == 0,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|d| d.offset);
+    }
+
+    /// Flush every replica (best effort, for shutdown); returns the failures.
+    pub fn flush_all(&self) -> Vec<(String, ReplicaError)> {
+        let results = self.fan_out(true, |_, s| s.replica.flush());
+        results
+            .into_iter()
+            .zip(&self.slots)
+            .filter_map(|(r, s)| r.err().map(|e| (s.name.clone(), e)))
+            .collect()
+    }
+}
+
+/// Copy winning blocks whose winner is not replica 0 into `buf`, which holds
+/// replica 0's read.
+fn assemble(buf: &mut [u8], blocks: &[BlockVote], extra: &[Vec<u8>]) {
+    for b in blocks {
+        if b.source != 0 {
+            let src = &extra[b.source - 1][b.start..b.start + b.len];
+            buf[b.start..b.start + b.len].copy_from_slice(src);
+        }
+    }
+}
+
+/// Contiguous ranges (relative start, length) where replica `i` dissented.
+fn losing_ranges(blocks: &[BlockVote], i: usize) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for b in blocks.iter().filter(|b| b.dissent & (1 << i) != 0) {
+        match out.last_mut() {
+            Some((s, l)) if *s + *l == b.start => *l += b.len,
+            _ => out.push((b.start, b.len)),
+        }
+    }
+    out
+}
+
+/// First differing byte between the two copies of a blkverify read, from `from`.
+fn first_difference(voted: &Voted, buf: &[u8], from: usize) -> usize {
+    let other = &voted.extra[0][..buf.len()];
+    buf[from..]
+        .iter()
+        .zip(&other[from..])
+        .position(|(a, b)| a != b)
+        .unwrap_or(0)
+}
+
+/// Intersect per-replica extents: zero/hole only where every list says so.
+/// Stops where the shortest list ends.
+pub fn merge_status(lists: &[Vec<Extent>]) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut idx = vec![0usize; lists.len()];
+    let mut used = vec![0u64; lists.len()];
+    loop {
+        let mut step = u64::MAX;
+        let (mut zero, mut hole) = (true, true);
+        for (k, list) in lists.iter().enumerate() {
+            let Some(e) = list.get(idx[k]) else {
+                return out;
+            };
+            step = step.min(e.length - used[k]);
+            zero &= e.zero;
+            hole &= e.hole;
+        }
+        if step == 0 || step == u64::MAX {
+            return out;
+        }
+        match out.last_mut() {
+            Some(l) if l.zero == zero && l.hole == hole => l.length += step,
+            _ => out.push(Extent {
+                length: step,
+                zero,
+                hole,
+            }),
+        }
+        for (k, list) in lists.iter().enumerate() {
+            used[k] += step;
+            if used[k] == list[idx[k]].length {
+                idx[k] += 1;
+                used[k] = 0;
+            }
+        }
+    }
+}
