@@ -1,6 +1,7 @@
 //! Errors of replica I/O: a kind, the context, and the source.
 
 use std::io;
+use std::path::{Path, PathBuf};
 
 /// Result of a replica operation.
 pub type Result<T, E = ReplicaError> = std::result::Result<T, E>;
@@ -35,7 +36,12 @@ pub struct ReplicaError {
 impl ReplicaError {
     /// A new error.
     pub fn new(kind: ErrorKind, op: &'static str, message: impl Into<String>) -> Self {
-        ReplicaError { kind, op, at: None, message: message.into() }
+        ReplicaError {
+            kind,
+            op,
+            at: None,
+            message: message.into(),
+        }
     }
 
     /// An error from an `io::Error`.
@@ -62,6 +68,156 @@ impl ReplicaError {
             ErrorKind::Unsupported => libc::ENOTSUP,
             ErrorKind::OutOfRange => libc::EINVAL,
             ErrorKind::ReadOnly => libc::EPERM,
+        }
+    }
+}
+
+/// Why a replica (or one layer of its backing chain) could not be opened,
+/// probed or created. Every variant names the file it is about.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// An OS error while opening, reading the header, or creating.
+    #[error("replica {path}: cannot {op}: {source}")]
+    Io {
+        /// The layer's file.
+        path: PathBuf,
+        /// What we were doing (`open`, `read header`, `create`, ...).
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the image with conflicting permissions.
+    #[error(
+        "replica {path} is locked by another process (is QEMU or another quorum using it?): {detail}"
+    )]
+    Locked {
+        /// The layer's file.
+        path: PathBuf,
+        /// Which permission conflicted.
+        detail: String,
+    },
+    /// A LUKS/AES-encrypted qcow2 image (imago would return ciphertext).
+    #[error(
+        "replica {path} is an encrypted qcow2 image (crypt_method {method}); encrypted images are not supported"
+    )]
+    Encrypted {
+        /// The layer's file.
+        path: PathBuf,
+        /// The header's `crypt_method`.
+        method: u32,
+    },
+    /// The qcow2 dirty bit is set: the image was not closed cleanly.
+    #[error(
+        "replica {path} has the qcow2 dirty bit set (it was not closed cleanly); repair it with `qemu-img check -r all {path}`"
+    )]
+    Dirty {
+        /// The layer's file.
+        path: PathBuf,
+    },
+    /// The qcow2 corrupt bit is set.
+    #[error(
+        "replica {path} is marked corrupt in its qcow2 header; check it with `qemu-img check -r all {path}`"
+    )]
+    Corrupt {
+        /// The layer's file.
+        path: PathBuf,
+    },
+    /// A qcow2 feature this backend cannot handle (zstd, extended L2, ...).
+    #[error(
+        "replica {path} uses {feature}, which is not supported; convert it with `qemu-img convert -O qcow2`"
+    )]
+    UnsupportedFeature {
+        /// The layer's file.
+        path: PathBuf,
+        /// The feature, in words.
+        feature: String,
+    },
+    /// The file is not in the format the XML declares.
+    #[error("replica {path}: the XML says format {expected}, but the file is {found}")]
+    FormatMismatch {
+        /// The layer's file.
+        path: PathBuf,
+        /// What the XML says.
+        expected: &'static str,
+        /// What the file looks like.
+        found: &'static str,
+    },
+    /// The XML's backing chain and the image header disagree.
+    #[error(
+        "replica {path}: the XML gives backing file {xml}, but the image header names {header}"
+    )]
+    BackingMismatch {
+        /// The layer whose header was read.
+        path: PathBuf,
+        /// The XML's next layer (or `none`).
+        xml: String,
+        /// The header's backing file (or `none`).
+        header: String,
+    },
+    /// The image is malformed or a request makes no sense for it.
+    #[error("replica {path}: {message}")]
+    Invalid {
+        /// The layer's file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// imago refused or failed to open the image.
+    #[error("replica {path}: qcow2 open failed: {source}")]
+    Imago {
+        /// The layer's file.
+        path: PathBuf,
+        /// imago's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file exists and `create` does not overwrite.
+    #[error("replica {path} already exists; refusing to overwrite it")]
+    Exists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// NBD sources have no backend yet.
+    #[error("replica {name}: nbd replicas are not supported yet")]
+    NbdUnsupported {
+        /// The NBD address.
+        name: String,
+    },
+}
+
+impl OpenError {
+    /// The file (or NBD address) this error is about.
+    pub fn path(&self) -> String {
+        match self {
+            OpenError::Io { path, .. }
+            | OpenError::Locked { path, .. }
+            | OpenError::Encrypted { path, .. }
+            | OpenError::Dirty { path }
+            | OpenError::Corrupt { path }
+            | OpenError::UnsupportedFeature { path, .. }
+            | OpenError::FormatMismatch { path, .. }
+            | OpenError::BackingMismatch { path, .. }
+            | OpenError::Invalid { path, .. }
+            | OpenError::Imago { path, .. }
+            | OpenError::Exists { path } => path.display().to_string(),
+            OpenError::NbdUnsupported { name } => name.clone(),
+        }
+    }
+
+    pub(crate) fn io(path: &Path, op: &'static str, source: io::Error) -> Self {
+        OpenError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        OpenError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
         }
     }
 }

@@ -11,11 +11,26 @@
 //!
 //! Calls are blocking and may run concurrently from many threads (`&self`);
 //! the engine fans requests out on a thread pool.
+//!
+//! Entry points: [`open`] (XML layer -> `Box<dyn Replica>`, with OFD locks
+//! compatible with QEMU's), [`probe`]/[`probe_chain`] for `validate --probe`,
+//! and [`create`] for `quorum create`. Test doubles live in [`testing`]
+//! behind the `test-utils` feature.
 #![warn(missing_docs)]
 
 mod error;
+mod header;
+mod lock;
+mod open;
+mod qcow2;
+mod raw;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 
-pub use error::{ErrorKind, ReplicaError, Result};
+pub use error::{ErrorKind, OpenError, ReplicaError, Result};
+pub use open::{OpenOptions, ProbeInfo, create, open, probe, probe_chain};
+pub use qcow2::Qcow2Replica;
+pub use raw::RawReplica;
 
 /// One extent of a block-status answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +83,10 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// early: callers ask again). Default: all data.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let _ = offset;
-        Ok(vec![Extent { length: len, zero: false, hole: false }])
+        Ok(vec![Extent {
+            length: len,
+            zero: false,
+            hole: false,
+        }])
     }
 }
