@@ -1,14 +1,74 @@
 //! The quorum disk configuration, read from libvirt domain XML.
 //!
 //! ```text
-//!  XML text ──parse──▶ DiskConfig ──write──▶ canonical XML
-//!                         │
-//!                         └──qemu──▶ -blockdev JSON for QEMU's quorum driver
+//!  file ──load──▶ XML text ──parse_str──▶ DiskConfig ──to_xml──▶ canonical XML
+//!                   (roxmltree,              │
+//!                    all errors)             └──qemu::blockdev_args / nested_json──▶ QEMU JSON
 //! ```
 //!
-//! Errors carry `file:line:col` in libvirt's wording (see `error`).
+//! Parsing validates as it goes: a malformed document yields one error at its
+//! first fault; a well-formed one yields every semantic error it has. Errors
+//! carry `file:line:col` in libvirt's wording (see [`ConfigError`]).
 #![warn(missing_docs)]
 
+mod error;
 pub mod model;
+mod parse;
+pub mod qemu;
+mod syntax;
+mod write;
 
+use std::path::Path;
+
+pub use error::{ConfigError, ConfigErrors, ErrorKind};
 pub use model::*;
+pub use parse::{MAX_CHAIN_DEPTH, is_valid_target_dev};
+pub use write::to_xml;
+
+/// Read, parse and validate the disk XML at `path`.
+///
+/// Relative image paths resolve against the file's folder; `target` picks a
+/// disk by `<target dev=>` (default: the first `type='quorum'` disk). Errors
+/// are labelled with `path` as given.
+pub fn load(path: &Path, target: Option<&str>) -> Result<DiskConfig, ConfigErrors> {
+    let label = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| ConfigError {
+        file: label.clone(),
+        line: 0,
+        col: 0,
+        kind: ErrorKind::Io,
+        message: e.to_string(),
+    })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let good = e.utf8_error().valid_up_to();
+            let prefix = std::str::from_utf8(&e.as_bytes()[..good]).unwrap_or("");
+            let (line, col) = syntax::line_col(prefix, good);
+            return Err(ConfigError {
+                file: label,
+                line,
+                col,
+                kind: ErrorKind::Xml,
+                message: "document is not valid UTF-8".into(),
+            }
+            .into());
+        }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    parse_str(&text, &label, dir, target)
+}
+
+/// Parse and validate XML `text`. `file_label` prefixes error messages;
+/// relative image paths resolve against `base_dir` (made absolute first).
+pub fn parse_str(
+    text: &str,
+    file_label: &str,
+    base_dir: &Path,
+    target: Option<&str>,
+) -> Result<DiskConfig, ConfigErrors> {
+    parse::parse(text, file_label, base_dir, target)
+}
