@@ -154,7 +154,9 @@ impl ChainOpener {
         depth: usize,
     ) -> Result<Image, OpenError> {
         let file = self.storage(path, write)?;
-        let header = check_qcow2_header(path, self.locks.last().unwrap())?;
+        // Read the header through a buffered fd: the locked one may be O_DIRECT.
+        let buffered = fs::File::open(path).map_err(|e| OpenError::io(path, "open", e))?;
+        let header = check_qcow2_header(path, &buffered)?;
         let below = backing_layer(
             src,
             path,

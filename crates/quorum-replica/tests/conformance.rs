@@ -1,0 +1,303 @@
+//! One suite, run against every backend through `&dyn Replica`.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use quorum_config::model::ImageFormat;
+use quorum_replica::testing::MemReplica;
+use quorum_replica::{ErrorKind, OpenOptions, Replica, create, open};
+use tempfile::TempDir;
+
+const SIZE: u64 = 4 << 20;
+
+/// A backend under test, plus what its untouched areas look like.
+struct Fixture {
+    replica: Arc<dyn Replica>,
+    /// Untouched ranges are holes (false when a backing file has data).
+    fresh_is_hole: bool,
+    _dir: Option<TempDir>,
+}
+
+fn raw_file(direct: bool) -> Fixture {
+    let dir = TempDir::new().unwrap();
+    let path = path_in(&dir, "r.raw");
+    create(&raw(&path), SIZE, None).unwrap();
+    let replica = open(
+        &raw(&path),
+        &OpenOptions {
+            read_only: false,
+            direct,
+        },
+    )
+    .unwrap();
+    Fixture {
+        replica: replica.into(),
+        fresh_is_hole: true,
+        _dir: Some(dir),
+    }
+}
+
+fn qcow2_file(direct: bool) -> Fixture {
+    let dir = TempDir::new().unwrap();
+    let path = path_in(&dir, "q.qcow2");
+    create(&qcow2(&path), SIZE, None).unwrap();
+    let replica = open(
+        &qcow2(&path),
+        &OpenOptions {
+            read_only: false,
+            direct,
+        },
+    )
+    .unwrap();
+    Fixture {
+        replica: replica.into(),
+        fresh_is_hole: true,
+        _dir: Some(dir),
+    }
+}
+
+fn qcow2_over_raw() -> Fixture {
+    let dir = TempDir::new().unwrap();
+    let base = path_in(&dir, "base.raw");
+    let top = path_in(&dir, "top.qcow2");
+    run_ok(
+        "qemu-img",
+        &["create", "-f", "raw", p(&base), &SIZE.to_string()],
+    );
+    qemu_io("raw", &base, &["write -P 0x5a 0 4M"]);
+    let chain = over(
+        &top,
+        layer(
+            &base,
+            ImageFormat::Raw,
+            quorum_config::model::Backing::Unspecified,
+        ),
+    );
+    create(&chain, SIZE, None).unwrap();
+    let replica = open(&chain, &OpenOptions::default()).unwrap();
+    Fixture {
+        replica: replica.into(),
+        fresh_is_hole: false,
+        _dir: Some(dir),
+    }
+}
+
+fn mem() -> Fixture {
+    Fixture {
+        replica: Arc::new(MemReplica::new(SIZE)),
+        fresh_is_hole: true,
+        _dir: None,
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn read(r: &dyn Replica, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    r.read_at(&mut buf, off).unwrap();
+    buf
+}
+
+fn size_is_declared(f: Fixture) {
+    assert_eq!(f.replica.size(), SIZE);
+}
+
+fn read_after_unaligned_write(f: Fixture) {
+    let data = pattern(10_000, 7);
+    f.replica.write_at(&data, 70_001, false).unwrap();
+    assert_eq!(read(&*f.replica, 70_001, data.len()), data);
+}
+
+fn fua_write_reads_back(f: Fixture) {
+    let data = pattern(4096, 3);
+    f.replica.write_at(&data, 8192, true).unwrap();
+    assert_eq!(read(&*f.replica, 8192, 4096), data);
+}
+
+fn read_past_end_is_out_of_range(f: Fixture) {
+    let mut buf = vec![0u8; 4096];
+    let err = f.replica.read_at(&mut buf, SIZE - 100).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::OutOfRange);
+}
+
+fn write_past_end_is_out_of_range(f: Fixture) {
+    let err = f.replica.write_at(&[1u8; 512], SIZE, false).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::OutOfRange);
+}
+
+fn write_zeroes_reads_zeroes(f: Fixture) {
+    f.replica.write_at(&pattern(300_000, 1), 0, false).unwrap();
+    f.replica.write_zeroes(1000, 200_000, false, false).unwrap();
+    assert_eq!(read(&*f.replica, 1000, 200_000), vec![0u8; 200_000]);
+}
+
+fn write_zeroes_unmap_reads_zeroes(f: Fixture) {
+    f.replica.write_at(&pattern(300_000, 1), 0, false).unwrap();
+    f.replica.write_zeroes(1000, 200_000, true, true).unwrap();
+    assert_eq!(read(&*f.replica, 1000, 200_000), vec![0u8; 200_000]);
+}
+
+fn write_zeroes_keeps_neighbours(f: Fixture) {
+    let data = pattern(300_000, 1);
+    f.replica.write_at(&data, 0, false).unwrap();
+    f.replica.write_zeroes(1000, 200_000, true, false).unwrap();
+    assert_eq!(read(&*f.replica, 201_000, 99_000), data[201_000..].to_vec());
+}
+
+fn discard_reads_zeroes(f: Fixture) {
+    f.replica.write_at(&pattern(1 << 20, 9), 0, false).unwrap();
+    f.replica.discard(4096, 512 * 1024).unwrap();
+    assert_eq!(read(&*f.replica, 4096, 512 * 1024), vec![0u8; 512 * 1024]);
+}
+
+fn flush_succeeds(f: Fixture) {
+    f.replica.write_at(&[1u8; 4096], 0, false).unwrap();
+    f.replica.flush().unwrap();
+}
+
+fn block_status_covers_range(f: Fixture) {
+    f.replica
+        .write_at(&pattern(65536, 2), 1 << 20, false)
+        .unwrap();
+    let ext = f.replica.block_status(0, SIZE).unwrap();
+    assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), SIZE);
+}
+
+fn block_status_reports_written_data(f: Fixture) {
+    f.replica
+        .write_at(&pattern(65536, 2), 1 << 20, false)
+        .unwrap();
+    let ext = f.replica.block_status(1 << 20, 65536).unwrap();
+    assert!(!ext[0].hole && !ext[0].zero, "{ext:?}");
+}
+
+fn block_status_reports_fresh_holes(f: Fixture) {
+    let ext = f.replica.block_status(2 << 20, 1 << 20).unwrap();
+    assert_eq!(
+        (ext[0].hole, ext[0].zero),
+        (f.fresh_is_hole, f.fresh_is_hole),
+        "{ext:?}"
+    );
+}
+
+fn concurrent_disjoint_writes(f: Fixture) {
+    let chunk = 64 * 1024 + 17;
+    std::thread::scope(|s| {
+        for t in 0..8u8 {
+            let r = Arc::clone(&f.replica);
+            s.spawn(move || {
+                for i in 0..4u64 {
+                    let off = (u64::from(t) * 4 + i) * chunk as u64;
+                    r.write_at(&pattern(chunk, t * 4 + i as u8), off, false)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let all = read(&*f.replica, 0, 32 * chunk);
+    let expected: Vec<u8> = (0..32u8).flat_map(|k| pattern(chunk, k)).collect();
+    assert!(all == expected, "concurrent writes interfered");
+}
+
+fn concurrent_reads_during_discard(f: Fixture) {
+    let data = pattern(1 << 20, 4);
+    f.replica.write_at(&data, 0, false).unwrap();
+    std::thread::scope(|s| {
+        let r = Arc::clone(&f.replica);
+        s.spawn(move || {
+            for i in 0..16u64 {
+                r.discard((2 << 20) + i * 65536, 65536).unwrap();
+            }
+        });
+        for _ in 0..4 {
+            let r = Arc::clone(&f.replica);
+            let data = &data;
+            s.spawn(move || {
+                for _ in 0..16 {
+                    assert!(read(&*r, 0, 1 << 20) == *data);
+                }
+            });
+        }
+    });
+}
+
+macro_rules! conformance {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+            #[test]
+            fn size_is_declared() {
+                super::size_is_declared($make)
+            }
+            #[test]
+            fn read_after_unaligned_write() {
+                super::read_after_unaligned_write($make)
+            }
+            #[test]
+            fn fua_write_reads_back() {
+                super::fua_write_reads_back($make)
+            }
+            #[test]
+            fn read_past_end_is_out_of_range() {
+                super::read_past_end_is_out_of_range($make)
+            }
+            #[test]
+            fn write_past_end_is_out_of_range() {
+                super::write_past_end_is_out_of_range($make)
+            }
+            #[test]
+            fn write_zeroes_reads_zeroes() {
+                super::write_zeroes_reads_zeroes($make)
+            }
+            #[test]
+            fn write_zeroes_unmap_reads_zeroes() {
+                super::write_zeroes_unmap_reads_zeroes($make)
+            }
+            #[test]
+            fn write_zeroes_keeps_neighbours() {
+                super::write_zeroes_keeps_neighbours($make)
+            }
+            #[test]
+            fn discard_reads_zeroes() {
+                super::discard_reads_zeroes($make)
+            }
+            #[test]
+            fn flush_succeeds() {
+                super::flush_succeeds($make)
+            }
+            #[test]
+            fn block_status_covers_range() {
+                super::block_status_covers_range($make)
+            }
+            #[test]
+            fn block_status_reports_written_data() {
+                super::block_status_reports_written_data($make)
+            }
+            #[test]
+            fn block_status_reports_fresh_holes() {
+                super::block_status_reports_fresh_holes($make)
+            }
+            #[test]
+            fn concurrent_disjoint_writes() {
+                super::concurrent_disjoint_writes($make)
+            }
+            #[test]
+            fn concurrent_reads_during_discard() {
+                super::concurrent_reads_during_discard($make)
+            }
+        }
+    };
+}
+
+conformance!(raw_backend, raw_file(false));
+conformance!(raw_direct_backend, raw_file(true));
+conformance!(qcow2_backend, qcow2_file(false));
+conformance!(qcow2_direct_backend, qcow2_file(true));
+conformance!(qcow2_over_raw_backend, qcow2_over_raw());
+conformance!(mem_backend, mem());
