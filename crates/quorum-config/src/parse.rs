@@ -281,8 +281,10 @@ impl Parser<'_> {
             None => self.err_node(disk, ErrorKind::Xml, "missing disk type".into()),
             Some(a) if a.value() == "quorum" => {}
             Some(a) => {
+                // Its content is some other kind of disk: judging it as a quorum is noise.
                 let msg = format!("disk type '{}' is not a quorum disk", a.value());
                 self.err_attr(&a, ErrorKind::Unsupported, msg);
+                return None;
             }
         }
         let device = match disk.attribute_node("device") {

@@ -1,0 +1,216 @@
+//! The QEMU side: `-blockdev` objects and the nested `json:` form.
+
+use std::path::Path;
+
+use quorum_config::{DiskConfig, parse_str, qemu};
+use serde_json::{Value, json};
+
+fn disk(replicas: &str, extra: &str) -> DiskConfig {
+    let xml = format!(
+        "<disk type='quorum'><driver {extra}/><threshold value='1'/>{replicas}<target dev='vda'/></disk>"
+    );
+    parse_str(&xml, "t.xml", Path::new("/i"), None).unwrap()
+}
+
+fn file(fmt: &str, name: &str, inner: &str) -> String {
+    format!(
+        "<backingStore type='file'><format type='{fmt}'/><source file='{name}'/>{inner}</backingStore>"
+    )
+}
+
+fn node<'a>(args: &'a [Value], name: &str) -> &'a Value {
+    args.iter()
+        .find(|a| a["node-name"] == name)
+        .unwrap_or_else(|| panic!("no node {name} in {args:#?}"))
+}
+
+#[test]
+fn raw_replica_is_one_storage_node_named_by_the_quorum() {
+    let args = qemu::blockdev_args(&disk(&file("raw", "a.raw", ""), ""));
+
+    assert_eq!(
+        args,
+        [
+            json!({"driver": "file", "filename": "/i/a.raw", "node-name": "libvirt-1-storage"}),
+            json!({"driver": "quorum", "node-name": "libvirt-quorum-vda", "vote-threshold": 1,
+                   "read-pattern": "quorum", "children": ["libvirt-1-storage"]}),
+        ]
+    );
+}
+
+#[test]
+fn qcow2_replica_gets_a_format_node_over_its_storage_node() {
+    let args = qemu::blockdev_args(&disk(&file("qcow2", "a.qcow2", ""), ""));
+
+    assert_eq!(
+        args[1],
+        json!({"driver": "qcow2", "node-name": "libvirt-1-format", "file": "libvirt-1-storage"})
+    );
+}
+
+#[test]
+fn chain_ending_with_empty_backing_store_writes_backing_null() {
+    let args = qemu::blockdev_args(&disk(&file("qcow2", "a.qcow2", "<backingStore/>"), ""));
+
+    assert_eq!(node(&args, "libvirt-1-format")["backing"], Value::Null);
+}
+
+#[test]
+fn unspecified_chain_writes_no_backing_key() {
+    let args = qemu::blockdev_args(&disk(&file("qcow2", "a.qcow2", ""), ""));
+
+    assert!(node(&args, "libvirt-1-format").get("backing").is_none());
+}
+
+#[test]
+fn raw_backing_layer_is_referenced_by_its_storage_node() {
+    let args = qemu::blockdev_args(&disk(
+        &file("qcow2", "top.qcow2", &file("raw", "base.raw", "")),
+        "",
+    ));
+
+    assert_eq!(
+        node(&args, "libvirt-2-format")["backing"],
+        "libvirt-1-storage"
+    );
+}
+
+#[test]
+fn backing_layers_come_first_and_are_read_only() {
+    let args = qemu::blockdev_args(&disk(
+        &file("qcow2", "top.qcow2", &file("raw", "base.raw", "")),
+        "",
+    ));
+
+    assert_eq!(
+        args[0],
+        json!({"driver": "file", "filename": "/i/base.raw", "node-name": "libvirt-1-storage", "read-only": true})
+    );
+}
+
+#[test]
+fn index_attribute_sets_the_node_number() {
+    let xml = file("raw", "a.raw", "").replace("type='file'", "type='file' index='7'");
+
+    let args = qemu::blockdev_args(&disk(&xml, ""));
+
+    assert_eq!(args[0]["node-name"], "libvirt-7-storage");
+}
+
+#[test]
+fn readonly_disk_makes_every_node_read_only() {
+    let xml = format!(
+        "<disk type='quorum'><threshold value='1'/>{}<target dev='vda'/><readonly/></disk>",
+        file("qcow2", "a.qcow2", "")
+    );
+    let cfg = parse_str(&xml, "t.xml", Path::new("/i"), None).unwrap();
+
+    let args = qemu::blockdev_args(&cfg);
+
+    assert!(args.iter().all(|a| a["read-only"] == true));
+}
+
+#[test]
+fn quorum_node_carries_rewrite_corrupted_and_fifo() {
+    let args = qemu::blockdev_args(&disk(
+        &file("raw", "a.raw", ""),
+        "read_pattern='fifo' rewrite_corrupted='on'",
+    ));
+
+    let q = args.last().unwrap();
+    assert_eq!(
+        (&q["read-pattern"], &q["rewrite-corrupted"]),
+        (&json!("fifo"), &json!(true))
+    );
+}
+
+#[test]
+fn quorum_node_carries_blkverify() {
+    let two = format!("{}{}", file("raw", "a.raw", ""), file("raw", "b.raw", ""));
+    let xml = format!(
+        "<disk type='quorum'><driver blkverify='on'/><threshold value='2'/>{two}<target dev='vda'/></disk>"
+    );
+    let cfg = parse_str(&xml, "t.xml", Path::new("/i"), None).unwrap();
+
+    let args = qemu::blockdev_args(&cfg);
+
+    assert_eq!(args.last().unwrap()["blkverify"], true);
+}
+
+#[test]
+fn nbd_tcp_source_becomes_an_inet_server() {
+    let xml = "<backingStore type='network'><format type='raw'/><source protocol='nbd' name='e'><host name='h' port='1234'/></source></backingStore>";
+
+    let args = qemu::blockdev_args(&disk(xml, ""));
+
+    assert_eq!(
+        args[0],
+        json!({"driver": "nbd", "node-name": "libvirt-1-storage", "export": "e",
+               "server": {"type": "inet", "host": "h", "port": "1234"}})
+    );
+}
+
+#[test]
+fn nbd_unix_source_becomes_a_unix_server() {
+    let xml = "<backingStore type='network'><format type='raw'/><source protocol='nbd'><host transport='unix' socket='s.sock'/></source></backingStore>";
+
+    let args = qemu::blockdev_args(&disk(xml, ""));
+
+    assert_eq!(
+        args[0]["server"],
+        json!({"type": "unix", "path": "/i/s.sock"})
+    );
+}
+
+#[test]
+fn nbd_tls_names_credentials_after_the_node() {
+    let xml = "<backingStore type='network'><format type='raw'/><source protocol='nbd' tls='yes'><host name='h'/></source></backingStore>";
+
+    let args = qemu::blockdev_args(&disk(xml, ""));
+
+    assert_eq!(args[0]["tls-creds"], "libvirt-1-storage-tls0");
+}
+
+#[test]
+fn block_source_uses_host_device() {
+    let xml =
+        "<backingStore type='block'><format type='raw'/><source dev='/dev/sdz'/></backingStore>";
+
+    let args = qemu::blockdev_args(&disk(xml, ""));
+
+    assert_eq!(args[0]["driver"], "host_device");
+}
+
+#[test]
+fn quorum_node_name_falls_back_when_the_target_is_long() {
+    let xml = format!(
+        "<disk type='quorum'><threshold value='1'/>{}<target dev='vdabcdefghijklmnopq'/></disk>",
+        file("raw", "a.raw", "")
+    );
+    let cfg = parse_str(&xml, "t.xml", Path::new("/i"), None).unwrap();
+
+    assert_eq!(qemu::quorum_node_name(&cfg), "libvirt-quorum");
+}
+
+#[test]
+fn nested_json_inlines_the_chain() {
+    let cfg = disk(
+        &file(
+            "qcow2",
+            "top.qcow2",
+            &file("raw", "base.raw", "<backingStore/>"),
+        ),
+        "",
+    );
+
+    let j = qemu::nested_json(&cfg);
+
+    assert_eq!(
+        j,
+        json!({"driver": "quorum", "vote-threshold": 1, "read-pattern": "quorum", "children": [
+            {"driver": "qcow2",
+             "file": {"driver": "file", "filename": "/i/top.qcow2"},
+             "backing": {"driver": "file", "filename": "/i/base.raw", "read-only": true}}
+        ]})
+    );
+}
