@@ -5,4 +5,5 @@ pub mod create;
 pub mod dumpxml;
 pub mod qemu_args;
 pub mod serve;
+pub mod util;
 pub mod validate;
