@@ -176,24 +176,29 @@ pub fn probe_chain(src: &StorageSource) -> Vec<String> {
                 return out;
             }
         };
-        let problems = info.problems(&layer);
-        let stop = !problems.is_empty() || info.format != ImageFormat::Qcow2;
-        out.extend(problems);
-        if stop || layer.format != ImageFormat::Qcow2 {
-            return out;
-        }
-        match backing_layer(
-            &layer,
-            &info.path,
-            info.backing_file.as_deref(),
-            info.backing_format.as_deref(),
-        ) {
-            Ok(Some(next)) => layer = next,
-            Ok(None) => return out,
-            Err(e) => {
-                out.push(e.to_string());
-                return out;
+        out.extend(info.problems(&layer));
+        let next = match &layer.backing {
+            Backing::Store(below) => Some((**below).clone()),
+            Backing::End => None,
+            Backing::Unspecified if info.format == ImageFormat::Qcow2 => {
+                match backing_layer(
+                    &layer,
+                    &info.path,
+                    info.backing_file.as_deref(),
+                    info.backing_format.as_deref(),
+                ) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        out.push(e.to_string());
+                        None
+                    }
+                }
             }
+            Backing::Unspecified => None,
+        };
+        match next {
+            Some(n) => layer = n,
+            None => return out,
         }
     }
     out.push(format!(
