@@ -1,12 +1,259 @@
-use std::process::ExitCode;
+//! `quorum serve`: export the voted disk over NBD.
 
-/// Arguments (not yet implemented).
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use quorum_engine::{Disk, OpenOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::create::create_missing;
+use super::util::{human_size, load_disk, parse_size};
+use crate::server::{self, Backend, Export, Listener};
+
+/// NBD's registered port.
+const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+/// Export a quorum disk over NBD, for QEMU, qemu-img, qemu-io, nbdinfo,
+/// nbdcopy, nbdsh and fio.
+///
+/// Reads are voted across replicas; writes go to all of them. With neither
+/// --socket nor --listen it listens on 127.0.0.1:10809. The export is named
+/// after the disk's target dev (e.g. `vda`); the empty default name works too.
+/// SIGTERM or SIGINT stops it cleanly: in-flight requests finish, replicas
+/// are flushed and unlocked. Logs go to stderr; set RUST_LOG (e.g.
+/// RUST_LOG=debug) for more.
+///
+/// Examples:
+///   quorum serve examples/quorum.xml --create-missing --size 1G
+///   quorum serve disk.xml --socket /run/quorum/vda.sock --pid-file /run/quorum/vda.pid
+///   qemu-img info 'nbd+unix:///vda?socket=/run/quorum/vda.sock'
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
-    /// The XML file.
-    pub file: std::path::PathBuf,
+    /// Quorum disk XML (a <disk> or a <domain>).
+    pub file: PathBuf,
+    /// Which disk of a <domain> (its target dev); default: the first quorum disk.
+    #[arg(long, value_name = "DEV")]
+    pub target: Option<String>,
+    /// Listen on this unix socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
+    pub socket: Option<PathBuf>,
+    /// Listen on this TCP address (default 127.0.0.1:10809).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Export name (default: the disk's target dev).
+    #[arg(long, value_name = "NAME")]
+    pub export: Option<String>,
+    /// Export read-only: replicas are opened read-only with shared locks.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Create missing replica images first (needs --size unless one exists).
+    #[arg(long)]
+    pub create_missing: bool,
+    /// Size of images made by --create-missing (e.g. 10G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "create_missing")]
+    pub size: Option<u64>,
+    /// Write the daemon's PID here once it accepts clients.
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// Vote on whole requests, as QEMU's driver does, instead of per 4 KiB block.
+    #[arg(long)]
+    pub whole_request_vote: bool,
 }
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+/// The engine as an NBD backend.
+struct DiskBackend(Disk);
+
+impl Backend for DiskBackend {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        self.0.options().read_only
+    }
+    fn can_multi_conn(&self) -> bool {
+        // Every connection shares one engine, and a flush flushes every replica.
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.0.read(offset, buf).map_err(|e| e.errno)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
+        self.0.write(offset, data, fua).map_err(|e| e.errno)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<(), i32> {
+        self.0
+            .write_zeroes(offset, len, may_unmap, fua)
+            .map_err(|e| e.errno)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), i32> {
+        self.0.discard(offset, len).map_err(|e| e.errno)
+    }
+    fn flush(&self) -> Result<(), i32> {
+        self.0.flush().map_err(|e| e.errno)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool, bool)>, i32> {
+        let extents = self.0.block_status(offset, len).map_err(|e| e.errno)?;
+        Ok(extents
+            .into_iter()
+            .map(|e| (e.length, e.hole, e.zero))
+            .collect())
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let cfg = load_disk(&args.file, args.target.as_deref())?;
+    if args.create_missing {
+        create_missing(&cfg, args.size, None, &mut std::io::stderr())?;
+    }
+    let opts = OpenOptions {
+        read_only: args.read_only,
+        ..Default::default()
+    };
+    if cfg.driver.rewrite_corrupted && (cfg.readonly || args.read_only) {
+        bail!("rewrite_corrupted='on' needs a writable disk; drop --read-only or the option");
+    }
+    let disk = quorum_engine::open(&cfg, &opts)?;
+    let name = args
+        .export
+        .clone()
+        .unwrap_or_else(|| cfg.target.dev.clone());
+    let summary = format!(
+        "{} replicas, threshold {}, {}{}",
+        disk.replica_count(),
+        cfg.threshold,
+        human_size(disk.size()),
+        if disk.options().read_only {
+            ", read-only"
+        } else {
+            ""
+        }
+    );
+    let backend = Arc::new(DiskBackend(disk));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(256)
+        .thread_name("quorum-net")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(async {
+        let (listener, uri) = bind(&args, &name).await?;
+        if let Some(p) = &args.pid_file {
+            std::fs::write(p, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write pid file {}", p.display()))?;
+        }
+        println!("quorum: serving {name} ({summary}) at {uri}");
+        println!("  connect: qemu-img info '{uri}'");
+        println!("           qemu-system-x86_64 -drive file={uri},format=raw,if=virtio");
+        println!("  stop:    kill -TERM {}", std::process::id());
+        std::io::stdout().flush().ok();
+
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        let export = Export {
+            name: name.clone(),
+            description: format!("quorum disk {} ({summary})", cfg.target.dev),
+            backend: backend.clone(),
+        };
+        server::serve(listener, vec![export], shutdown)
+            .await
+            .context("NBD server failed")
+    });
+    // Whatever happened, flush and release the replicas.
+    let failures = backend.0.flush_all();
+    for (replica, e) in &failures {
+        tracing::error!(replica = %replica, error = %e, "final flush failed");
+    }
+    if let Some(p) = &args.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(p) = &args.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result?;
+    if !failures.is_empty() {
+        bail!("{} replica(s) failed their final flush", failures.len());
+    }
+    tracing::info!("stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn bind(args: &Args, name: &str) -> anyhow::Result<(Listener, String)> {
+    if let Some(path) = &args.socket {
+        remove_stale_socket(path)?;
+        let l = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        return Ok((
+            Listener::Unix(l),
+            format!("nbd+unix:///{name}?socket={}", abs.display()),
+        ));
+    }
+    let addr: SocketAddr = match args.listen {
+        Some(a) => a,
+        None => DEFAULT_LISTEN.parse().expect("valid default address"),
+    };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = l.local_addr().unwrap_or(addr);
+    let host = match local {
+        SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        SocketAddr::V4(a) => a.ip().to_string(),
+    };
+    Ok((
+        Listener::Tcp(l),
+        format!("nbd://{host}:{}/{name}", local.port()),
+    ))
+}
+
+/// A socket file left by a daemon that died is replaced; a live one is not.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("{} is in use by a running server", path.display());
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("cannot remove stale socket {}", path.display()))
+}
+
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
 }
