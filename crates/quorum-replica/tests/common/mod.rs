@@ -146,3 +146,25 @@ pub fn p(path: &Path) -> &str {
 pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// Start a tool and wait (bounded) for it to exit; `None` if it kept
+/// running for 10 s (it is then killed by the guard).
+pub fn exit_status_within(tool: &str, args: &[&str]) -> Option<std::process::ExitStatus> {
+    let child = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool} is required for this test and could not be run: {e}"));
+    let mut guard = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = guard.0.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
