@@ -409,23 +409,9 @@ impl Disk {
             }
         }
         let result = match &voted.verdict {
-            Verdict::NoQuorum { errno, .. } => {
-                self.report_failure(offset, len);
-                Err(IoError {
-                    errno: *errno,
-                    op: "read",
-                    offset,
-                    len,
-                })
-            }
-            Verdict::Agreed { blocks, .. }
-                if self.opts.blkverify && voted.verdict.has_dissent() =>
-            {
-                let first = blocks
-                    .iter()
-                    .find(|b| b.dissent != 0)
-                    .map_or(0, |b| b.start);
-                let at = first + first_difference(&voted, buf, first);
+            // Both copies read but differ: with n = T = 2 that is no quorum.
+            Verdict::NoQuorum { failed: 0, .. } if self.opts.blkverify => {
+                let at = first_difference(&voted, buf);
                 let (sector_num, sectors_count) = sectors(offset, len);
                 self.events.emit(Event::BlkverifyMismatch {
                     reference: self.opts.id.clone(),
@@ -435,6 +421,15 @@ impl Disk {
                 });
                 Err(IoError {
                     errno: libc::EIO,
+                    op: "read",
+                    offset,
+                    len,
+                })
+            }
+            Verdict::NoQuorum { errno, .. } => {
+                self.report_failure(offset, len);
+                Err(IoError {
+                    errno: *errno,
                     op: "read",
                     offset,
                     len,
@@ -768,14 +763,10 @@ fn losing_ranges(blocks: &[BlockVote], i: usize) -> Vec<(usize, usize)> {
     out
 }
 
-/// First differing byte between the two copies of a blkverify read, from `from`.
-fn first_difference(voted: &Voted, buf: &[u8], from: usize) -> usize {
+/// First differing byte between the two copies of a blkverify read.
+fn first_difference(voted: &Voted, buf: &[u8]) -> usize {
     let other = &voted.extra[0][..buf.len()];
-    buf[from..]
-        .iter()
-        .zip(&other[from..])
-        .position(|(a, b)| a != b)
-        .unwrap_or(0)
+    buf.iter().zip(other).position(|(a, b)| a != b).unwrap_or(0)
 }
 
 /// Intersect per-replica extents: zero/hole only where every list says so.
