@@ -61,26 +61,33 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 
     /// Write all of `buf` at `offset`. With `fua`, the data is on stable
-    /// storage when this returns.
+    /// storage when this returns (raw: `fdatasync`; qcow2: metadata flush
+    /// plus sync). A read-only replica fails with [`ErrorKind::ReadOnly`].
+    /// Writes to disjoint ranges may run concurrently; callers serialise
+    /// overlapping ones.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
 
     /// Make `len` bytes at `offset` read as zeroes. With `may_unmap`, the
-    /// backend may deallocate the range instead of writing zeroes.
+    /// backend may deallocate the range instead of writing zeroes; either
+    /// way the range reads as zeroes afterwards (never backing data).
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<()>;
 
     /// Deallocate `len` bytes at `offset`. Contents afterwards are
-    /// unspecified (most backends read zeroes). Default: unsupported.
+    /// unspecified by the trait; every backend in this crate reads zeroes
+    /// afterwards (so replicas stay identical). Default: unsupported.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
         Err(ReplicaError::unsupported("discard"))
     }
 
-    /// Make every completed write durable.
+    /// Make every completed write durable. A no-op on read-only replicas.
     fn flush(&self) -> Result<()>;
 
     /// Allocation and zero status of `[offset, offset + len)`, as extents
     /// that cover the range from `offset` in order (the last one may end
-    /// early: callers ask again). Default: all data.
+    /// early: callers ask again). `hole` means unallocated in every layer
+    /// (and then also `zero`); data from a backing layer is not a hole.
+    /// Default: all data.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let _ = offset;
         Ok(vec![Extent {
