@@ -246,3 +246,69 @@ fn block_status_reports_qemu_zero_clusters_as_zero() {
     let ext = r.block_status(0, 65536).unwrap();
     assert!(ext[0].zero && !ext[0].hole, "{ext:?}");
 }
+
+#[test]
+fn qcow2_over_qcow2_with_relative_header_name_reads_back_here() {
+    let dir = TempDir::new().unwrap();
+    let (base, top) = (path_in(&dir, "base.qcow2"), path_in(&dir, "top.qcow2"));
+    run_ok("qemu-img", &["create", "-f", "qcow2", p(&base), "4M"]);
+    qemu_io("qcow2", &base, &["write -P 0x44 0 4M"]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            p(&top),
+        ],
+    );
+    qemu_io("qcow2", &top, &["write -P 0x55 0 4096"]);
+    let r = open(
+        &qcow2(&top),
+        &OpenOptions {
+            read_only: true,
+            direct: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        read(&*r, 0, 8192),
+        [vec![0x55; 4096], vec![0x44; 4096]].concat()
+    );
+}
+
+#[test]
+fn block_status_reports_backing_data_as_data() {
+    let dir = TempDir::new().unwrap();
+    let (base, top) = (path_in(&dir, "base.qcow2"), path_in(&dir, "top.qcow2"));
+    run_ok("qemu-img", &["create", "-f", "qcow2", p(&base), "4M"]);
+    qemu_io("qcow2", &base, &["write -P 0x44 0 1M"]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top),
+        ],
+    );
+    let r = open(
+        &qcow2(&top),
+        &OpenOptions {
+            read_only: true,
+            direct: false,
+        },
+    )
+    .unwrap();
+    let ext = r.block_status(0, 4 << 20).unwrap();
+    let summary: Vec<(u64, bool)> = ext.iter().map(|e| (e.length, e.hole)).collect();
+    assert_eq!(summary, vec![(1 << 20, false), (3 << 20, true)]);
+}
