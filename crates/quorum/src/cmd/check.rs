@@ -70,13 +70,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.repair && cfg.readonly {
         bail!("the disk is <readonly/>: refusing to --repair it");
     }
-    let opts = OpenOptions { read_only: !args.repair, ..Default::default() };
+    let opts = OpenOptions {
+        read_only: !args.repair,
+        ..Default::default()
+    };
     let disk = quorum_engine::open(&cfg, &opts)?;
     let progress = if std::io::stderr().is_terminal() && !args.json {
         let pb = ProgressBar::new(disk.size());
         pb.set_style(
-            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .context("progress template")?,
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .context("progress template")?,
         );
         pb
     } else {
@@ -125,7 +130,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Scrub the whole disk; returns the divergent ranges (adjacent ones merged),
 /// bytes voted and bytes skipped as unallocated everywhere.
-fn scrub_all(disk: &Disk, repair: bool, progress: &ProgressBar) -> anyhow::Result<(Vec<Divergence>, u64, u64)> {
+fn scrub_all(
+    disk: &Disk,
+    repair: bool,
+    progress: &ProgressBar,
+) -> anyhow::Result<(Vec<Divergence>, u64, u64)> {
     let mut out: Vec<Divergence> = Vec::new();
     let (mut checked, mut skipped) = (0u64, 0u64);
     let mut offset = 0;
@@ -179,10 +188,17 @@ fn print_table(r: &Report, names: &[String]) {
         println!("all replicas agree");
         return;
     }
-    println!("{:>14} {:>12}  {:<24} status", "offset", "length", "bad replicas");
+    println!(
+        "{:>14} {:>12}  {:<24} status",
+        "offset", "length", "bad replicas"
+    );
     for x in &r.ranges {
         let bad: Vec<String> = x.bad_replicas.iter().map(|i| i.to_string()).collect();
-        let failed: Vec<String> = x.failed_replicas.iter().map(|i| format!("{i}(I/O error)")).collect();
+        let failed: Vec<String> = x
+            .failed_replicas
+            .iter()
+            .map(|i| format!("{i}(I/O error)"))
+            .collect();
         let who = [bad, failed].concat().join(",");
         let status = match (x.quorum, x.resolved) {
             (false, _) => "NO QUORUM (not repaired)",

@@ -56,7 +56,8 @@ pub fn create_missing(
     let mut existing: Vec<(String, u64)> = Vec::new();
     for r in &cfg.replicas {
         if local_path(r).is_some_and(Path::exists) {
-            let info = quorum_replica::probe(r).with_context(|| format!("cannot read {}", r.display_name()))?;
+            let info = quorum_replica::probe(r)
+                .with_context(|| format!("cannot read {}", r.display_name()))?;
             existing.push((r.display_name(), info.virtual_size));
         }
     }
@@ -94,7 +95,10 @@ pub fn create_missing(
                 continue;
             }
             if matches!(layer.source, Source::Block { .. }) {
-                bail!("block device {} does not exist; quorum creates only files", path.display());
+                bail!(
+                    "block device {} does not exist; quorum creates only files",
+                    path.display()
+                );
             }
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
@@ -106,7 +110,12 @@ pub fn create_missing(
                 ImageFormat::Raw => "raw, sparse",
                 ImageFormat::Qcow2 => "qcow2",
             };
-            writeln!(out, "created {} ({fmt}, {})", path.display(), human_size(size))?;
+            writeln!(
+                out,
+                "created {} ({fmt}, {})",
+                path.display(),
+                human_size(size)
+            )?;
         }
     }
     Ok(())

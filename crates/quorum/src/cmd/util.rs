@@ -7,7 +7,8 @@ use quorum_config::DiskConfig;
 
 /// Load and validate a disk; errors print as libvirt-style lines.
 pub fn load_disk(file: &Path, target: Option<&str>) -> anyhow::Result<DiskConfig> {
-    quorum_config::load(file, target).map_err(|errs| anyhow::anyhow!("{}", errs.to_string().trim_end()))
+    quorum_config::load(file, target)
+        .map_err(|errs| anyhow::anyhow!("{}", errs.to_string().trim_end()))
 }
 
 /// Parse a size such as `1G`, `512MiB`, `10k` or `1048576` (binary units).
@@ -17,7 +18,9 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     if digits == 0 {
         bail!("invalid size '{s}': expected a number with an optional unit (K, M, G, T)");
     }
-    let n: u64 = t[..digits].parse().with_context(|| format!("invalid size '{s}'"))?;
+    let n: u64 = t[..digits]
+        .parse()
+        .with_context(|| format!("invalid size '{s}'"))?;
     let shift = match t[digits..].to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -26,7 +29,8 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
         "t" | "tb" | "tib" => 40,
         unit => bail!("invalid size '{s}': unknown unit '{unit}' (use K, M, G or T)"),
     };
-    n.checked_mul(1 << shift).with_context(|| format!("size '{s}' is too large"))
+    n.checked_mul(1 << shift)
+        .with_context(|| format!("size '{s}' is too large"))
 }
 
 /// `1.5 GiB`-style rendering.
@@ -38,7 +42,11 @@ pub fn human_size(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} bytes") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]
