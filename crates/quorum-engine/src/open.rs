@@ -12,6 +12,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Vote on whole requests, as QEMU does, instead of per 4 KiB block.
     pub whole_request_vote: bool,
+    /// Take no image locks (QEMU's `locking=off`); benchmarks only.
+    pub no_locking: bool,
 }
 
 /// A disk that could not be opened.
@@ -56,6 +58,7 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
     let options = options_from_config(cfg, opts);
     let ropts = quorum_replica::OpenOptions {
         read_only: options.read_only,
+        no_locking: opts.no_locking,
         ..Default::default()
     };
     let mut replicas: Vec<(String, Box<dyn quorum_replica::Replica>)> =

@@ -23,6 +23,9 @@ pub struct OpenOptions {
     /// `O_DIRECT`. Raw replicas bounce unaligned requests themselves (and
     /// need a size that is a multiple of 4096); qcow2 leaves alignment to imago.
     pub direct: bool,
+    /// Take no image locks at all, like QEMU's `file.locking=off`. Only for
+    /// benchmarks and debugging: nothing then stops two writers.
+    pub no_locking: bool,
 }
 
 fn file_path(src: &StorageSource) -> Result<&Path, OpenError> {

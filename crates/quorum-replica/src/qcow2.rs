@@ -86,6 +86,7 @@ pub(crate) fn parse_format(name: &str) -> Option<ImageFormat> {
 /// Opens one chain: each layer file, its locks, and the imago objects.
 struct ChainOpener {
     direct: bool,
+    no_locking: bool,
     locks: Vec<fs::File>,
 }
 
@@ -96,7 +97,7 @@ impl ChainOpener {
         } else {
             LockMode::READER
         };
-        let file = open_locked(path, write, self.direct, mode)?;
+        let file = open_locked(path, write, self.direct, (!self.no_locking).then_some(mode))?;
         let keep = file
             .try_clone()
             .map_err(|e| OpenError::io(path, "dup", e))?;
@@ -279,6 +280,7 @@ impl Qcow2Replica {
         }
         let mut opener = ChainOpener {
             direct: opts.direct,
+            no_locking: opts.no_locking,
             locks: Vec::new(),
         };
         let image = opener.open(src, !opts.read_only, 0)?;

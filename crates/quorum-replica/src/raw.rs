@@ -38,7 +38,7 @@ pub(crate) fn open_locked(
     path: &Path,
     write: bool,
     direct: bool,
-    mode: LockMode,
+    mode: Option<LockMode>,
 ) -> Result<File, OpenError> {
     let mut oo = std::fs::OpenOptions::new();
     oo.read(true).write(write);
@@ -46,6 +46,7 @@ pub(crate) fn open_locked(
         oo.custom_flags(libc::O_DIRECT);
     }
     let file = oo.open(path).map_err(|e| OpenError::io(path, "open", e))?;
+    let Some(mode) = mode else { return Ok(file) };
     match lock::lock(&file, mode) {
         Ok(()) => Ok(file),
         Err(LockFailure::Conflict(detail)) => Err(OpenError::Locked {
@@ -151,7 +152,12 @@ impl RawReplica {
         } else {
             LockMode::WRITER
         };
-        let file = open_locked(path, !opts.read_only, opts.direct, mode)?;
+        let file = open_locked(
+            path,
+            !opts.read_only,
+            opts.direct,
+            (!opts.no_locking).then_some(mode),
+        )?;
         let size = file_size(&file).map_err(|e| OpenError::io(path, "get size", e))?;
         if opts.direct && !size.is_multiple_of(DIRECT_ALIGN as u64) {
             return Err(OpenError::invalid(

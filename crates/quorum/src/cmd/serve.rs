@@ -63,6 +63,11 @@ pub struct Args {
     /// Vote on whole requests, as QEMU's driver does, instead of per 4 KiB block.
     #[arg(long)]
     pub whole_request_vote: bool,
+    /// Take no image locks, like QEMU's file.locking=off. Dangerous: nothing
+    /// then stops QEMU or another quorum from writing the same replicas.
+    /// Meant for benchmarks that share images between daemons.
+    #[arg(long)]
+    pub no_locking: bool,
 }
 
 /// The engine as an NBD backend.
@@ -113,7 +118,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let opts = OpenOptions {
         read_only: args.read_only,
-        ..Default::default()
+        whole_request_vote: args.whole_request_vote,
+        no_locking: args.no_locking,
     };
     if cfg.driver.rewrite_corrupted && (cfg.readonly || args.read_only) {
         bail!("rewrite_corrupted='on' needs a writable disk; drop --read-only or the option");
