@@ -3,6 +3,7 @@
 pub mod check;
 pub mod create;
 pub mod dumpxml;
+pub mod probe;
 pub mod qemu_args;
 pub mod serve;
 pub mod util;
