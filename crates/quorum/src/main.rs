@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod server;
 
 /// A voted virtual disk over N replicas, configured with libvirt disk XML.
 ///

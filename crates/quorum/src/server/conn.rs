@@ -1,0 +1,478 @@
+//! One client connection: handshake, then the pipelined transmission phase.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use nbd_proto::consts::{MAX_PAYLOAD, cmd_flags, errno as nbd};
+use nbd_proto::{
+    Command, ExportInfo, HandshakeOutcome, Incoming, Negotiated, Request, RequestDecoder,
+    RequestHeader, ServerHandshake, TransmissionInfo, allocation_flags, build_extents,
+    check_request, put_block_status, put_error, put_offset_data_header, put_offset_hole,
+    put_simple_reply,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{ExportState, ServerConfig, nbd_error};
+
+pub(crate) struct ConnCtx {
+    pub(crate) id: u64,
+    pub(crate) catalogue: Arc<[ExportInfo]>,
+    pub(crate) exports: Arc<[ExportState]>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) config: Arc<ServerConfig>,
+}
+
+/// A reply ready to send: header bytes plus optional data, sent with one
+/// vectored write. Holding the permit until written bounds memory.
+struct Outgoing {
+    header: Bytes,
+    data: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+pub(crate) async fn run<R, W>(ctx: ConnCtx, mut rd: R, mut wr: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let timeout = ctx.config.handshake_timeout;
+    let negotiated = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return,
+        r = tokio::time::timeout(timeout, handshake(&ctx, &mut rd, &mut wr, &mut buf)) => r,
+    };
+    let n = match negotiated {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!(conn = ctx.id, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(conn = ctx.id, "handshake timed out");
+            return;
+        }
+    };
+    debug!(
+        conn = ctx.id,
+        export = n.export,
+        structured = n.structured,
+        "transmission"
+    );
+    transmission(ctx, n, rd, wr, buf).await;
+}
+
+/// Drive the handshake; `Ok(None)` means the client aborted or left.
+async fn handshake<R, W>(
+    ctx: &ConnCtx,
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+) -> std::io::Result<Option<Negotiated>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hs = ServerHandshake::new(ctx.catalogue.to_vec());
+    loop {
+        let r = hs.handle_input(buf);
+        if let Some(out) = hs.poll_transmit() {
+            wr.write_all(&out).await?;
+        }
+        match r {
+            Ok(Some(HandshakeOutcome::Negotiated(n))) => return Ok(Some(n)),
+            Ok(Some(HandshakeOutcome::Aborted)) => return Ok(None),
+            Ok(None) => {}
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+        buf.reserve(READ_CHUNK);
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// Why the reader loop stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// `NBD_CMD_DISC`, EOF between requests, or shutdown: finish in-flight work.
+    Clean,
+    /// Protocol violation or I/O error: drop the client now.
+    Hard,
+}
+
+async fn transmission<R, W>(ctx: ConnCtx, n: Negotiated, mut rd: R, wr: W, mut buf: BytesMut)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let export = &ctx.exports[n.export];
+    let info = TransmissionInfo {
+        size: ctx.catalogue[n.export].size,
+        flags: n.flags,
+        structured: n.structured,
+        base_allocation: n.base_allocation,
+        max_payload: MAX_PAYLOAD,
+    };
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(writer(ctx.id, wr, rx));
+    let permits = Arc::new(Semaphore::new(ctx.config.max_in_flight));
+    let mut tasks = JoinSet::new();
+    let mut decoder = RequestDecoder::new(MAX_PAYLOAD);
+
+    let end = 'outer: loop {
+        while tasks.try_join_next().is_some() {}
+        loop {
+            let incoming = match decoder.decode(&mut buf) {
+                Ok(Some(i)) => i,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(conn = ctx.id, error = %e, "protocol error; disconnecting client");
+                    break 'outer End::Hard;
+                }
+            };
+            let permit = tokio::select! {
+                _ = ctx.shutdown.cancelled() => break 'outer End::Clean,
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let req = match incoming {
+                Incoming::Oversized(h) => {
+                    debug!(conn = ctx.id, length = h.length, "oversized write rejected");
+                    let _ = tx.send(error_reply(&h, &info, nbd::EINVAL, Some(permit)));
+                    continue;
+                }
+                Incoming::Request(r) => r,
+            };
+            if req.header.command == Command::Disc {
+                break 'outer End::Clean;
+            }
+            if let Err(e) = check_request(&req.header, &info) {
+                debug!(conn = ctx.id, request = ?req.header, error = e, "request refused");
+                let _ = tx.send(error_reply(&req.header, &info, e, Some(permit)));
+                continue;
+            }
+            let h = &req.header;
+            let guard = match h.command {
+                Command::Read | Command::Write | Command::Trim | Command::WriteZeroes => Some(
+                    export
+                        .order
+                        .register(h.offset, h.length.into(), h.command.is_write()),
+                ),
+                _ => None,
+            };
+            let backend = export.backend.clone();
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                let mut guard = guard;
+                if let Some(g) = guard.as_mut() {
+                    g.wait().await;
+                }
+                let mut reply = execute(req, backend, info).await;
+                drop(guard);
+                reply._permit = Some(permit);
+                let _ = tx.send(reply);
+            });
+        }
+        let want = decoder
+            .bytes_wanted(&buf)
+            .saturating_sub(buf.len())
+            .max(READ_CHUNK);
+        buf.reserve(want);
+        let read = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break End::Clean,
+            r = rd.read_buf(&mut buf) => r,
+        };
+        match read {
+            Ok(0) if buf.is_empty() && decoder.discarding() == 0 => break End::Clean,
+            Ok(0) => {
+                debug!(conn = ctx.id, "client left mid-request");
+                break End::Hard;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(conn = ctx.id, error = %e, "read failed");
+                break End::Hard;
+            }
+        }
+    };
+    drop(rd);
+    if end == End::Hard {
+        // Requests already running finish on the blocking pool; their
+        // replies have nowhere to go.
+        writer.abort();
+        tasks.abort_all();
+        return;
+    }
+    let grace = ctx.config.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} });
+    if drained.await.is_err() {
+        warn!(conn = ctx.id, "in-flight requests did not finish in time");
+        tasks.abort_all();
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Send replies as they complete, batching whatever is queued into one
+/// vectored write. Closes the write side when the channel closes.
+async fn writer<W: AsyncWrite + Unpin>(
+    id: u64,
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let mut batch: Vec<Outgoing> = Vec::new();
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        let mut parts = Parts::default();
+        for o in &batch {
+            parts.push(o.header.clone());
+            parts.push(o.data.clone());
+        }
+        if let Err(e) = wr.write_all_buf(&mut parts).await {
+            debug!(conn = id, error = %e, "write failed");
+            return;
+        }
+        batch.clear();
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+/// A list of byte buffers presented as one `Buf`, for vectored writes.
+#[derive(Default)]
+struct Parts(VecDeque<Bytes>);
+
+impl Parts {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.0.push_back(b);
+        }
+    }
+}
+
+impl Buf for Parts {
+    fn remaining(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.0.front().map_or(&[], |b| &b[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, b) in dst.iter_mut().zip(self.0.iter()) {
+            *slot = IoSlice::new(b);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(front) = self.0.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.0.pop_front();
+        }
+    }
+}
+
+fn error_reply(
+    h: &RequestHeader,
+    info: &TransmissionInfo,
+    error: u32,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Outgoing {
+    let mut out = BytesMut::with_capacity(64);
+    if info.structured {
+        put_error(&mut out, h.cookie, true, error, error_message(error));
+    } else {
+        put_simple_reply(&mut out, h.cookie, error);
+    }
+    Outgoing {
+        header: out.freeze(),
+        data: Bytes::new(),
+        _permit: permit,
+    }
+}
+
+fn error_message(error: u32) -> &'static str {
+    match error {
+        nbd::EPERM => "export is read-only",
+        nbd::EINVAL => "invalid request",
+        nbd::EOVERFLOW => "request too large",
+        nbd::ENOTSUP => "operation not supported",
+        nbd::ENOSPC => "no space left",
+        nbd::ENOMEM => "out of memory",
+        nbd::ESHUTDOWN => "server shutting down",
+        _ => "I/O error",
+    }
+}
+
+fn ok_reply(h: &RequestHeader) -> Outgoing {
+    let mut out = BytesMut::with_capacity(16);
+    put_simple_reply(&mut out, h.cookie, 0);
+    Outgoing {
+        header: out.freeze(),
+        data: Bytes::new(),
+        _permit: None,
+    }
+}
+
+/// Run `f` on the blocking pool; a panic in the backend becomes EIO.
+async fn blocking<T, F>(f: F) -> Result<T, i32>
+where
+    F: FnOnce() -> Result<T, i32> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(libc::EIO))
+}
+
+async fn execute(
+    req: Request,
+    backend: Arc<dyn super::Backend>,
+    info: TransmissionInfo,
+) -> Outgoing {
+    let h = req.header;
+    let (off, len) = (h.offset, u64::from(h.length));
+    let fua = h.has_flag(cmd_flags::FUA);
+    let result = match h.command {
+        Command::Read => return read(h, backend, info).await,
+        Command::Write if len == 0 => Ok(()),
+        Command::Write => {
+            let data = req.payload;
+            blocking(move || backend.write(off, &data, fua)).await
+        }
+        Command::WriteZeroes if h.has_flag(cmd_flags::FAST_ZERO) && !backend.can_fast_zero() => {
+            Err(libc::ENOTSUP)
+        }
+        Command::WriteZeroes if len == 0 => Ok(()),
+        Command::WriteZeroes => {
+            let may_unmap = !h.has_flag(cmd_flags::NO_HOLE);
+            blocking(move || backend.write_zeroes(off, len, may_unmap, fua)).await
+        }
+        Command::Trim if len == 0 => Ok(()),
+        Command::Trim => {
+            blocking(move || {
+                backend.trim(off, len)?;
+                if fua { backend.flush() } else { Ok(()) }
+            })
+            .await
+        }
+        Command::Flush => blocking(move || backend.flush()).await,
+        Command::Cache if len == 0 => Ok(()),
+        Command::Cache => blocking(move || backend.cache(off, len)).await,
+        Command::BlockStatus => return block_status(h, backend, info).await,
+        Command::Disc | Command::Unknown(_) => Err(libc::EINVAL),
+    };
+    match result {
+        Ok(()) => ok_reply(&h),
+        Err(e) => error_reply(&h, &info, nbd_error(e), None),
+    }
+}
+
+async fn read(
+    h: RequestHeader,
+    backend: Arc<dyn super::Backend>,
+    info: TransmissionInfo,
+) -> Outgoing {
+    let len = h.length as usize;
+    let off = h.offset;
+    let result = if len == 0 {
+        Ok(Vec::new())
+    } else {
+        blocking(move || {
+            let mut v = vec![0u8; len];
+            backend.read(off, &mut v).map(|()| v)
+        })
+        .await
+    };
+    let data = match result {
+        Ok(v) => Bytes::from(v),
+        Err(e) => return error_reply(&h, &info, nbd_error(e), None),
+    };
+    let mut header = BytesMut::with_capacity(32);
+    if !info.structured {
+        put_simple_reply(&mut header, h.cookie, 0);
+        return Outgoing {
+            header: header.freeze(),
+            data,
+            _permit: None,
+        };
+    }
+    if len == 0 {
+        nbd_proto::put_none(&mut header, h.cookie);
+        return Outgoing {
+            header: header.freeze(),
+            data: Bytes::new(),
+            _permit: None,
+        };
+    }
+    if is_zero(&data) {
+        put_offset_hole(&mut header, h.cookie, true, h.offset, h.length);
+        return Outgoing {
+            header: header.freeze(),
+            data: Bytes::new(),
+            _permit: None,
+        };
+    }
+    put_offset_data_header(&mut header, h.cookie, true, h.offset, h.length);
+    Outgoing {
+        header: header.freeze(),
+        data,
+        _permit: None,
+    }
+}
+
+async fn block_status(
+    h: RequestHeader,
+    backend: Arc<dyn super::Backend>,
+    info: TransmissionInfo,
+) -> Outgoing {
+    let (off, len) = (h.offset, u64::from(h.length));
+    let Some(ctx_id) = info.base_allocation else {
+        return error_reply(&h, &info, nbd::EINVAL, None);
+    };
+    match blocking(move || backend.block_status(off, len)).await {
+        Ok(list) => {
+            let iter = list
+                .into_iter()
+                .map(|(l, hole, zero)| (l, allocation_flags(hole, zero)));
+            let extents = build_extents(h.length, h.has_flag(cmd_flags::REQ_ONE), iter);
+            let mut out = BytesMut::with_capacity(24 + 8 * extents.len());
+            put_block_status(&mut out, h.cookie, true, ctx_id, &extents);
+            Outgoing {
+                header: out.freeze(),
+                data: Bytes::new(),
+                _permit: None,
+            }
+        }
+        Err(e) => error_reply(&h, &info, nbd_error(e), None),
+    }
+}
+
+/// True if every byte is zero; 64-byte blocks OR-folded so it vectorises.
+fn is_zero(data: &[u8]) -> bool {
+    let mut blocks = data.chunks_exact(64);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
