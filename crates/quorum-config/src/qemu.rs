@@ -176,29 +176,26 @@ pub fn blockdev_args(cfg: &DiskConfig) -> Vec<Value> {
     out
 }
 
+/// In nested form every layer has a format driver: QEMU refuses a bare protocol
+/// node as a `backing` dict (it also fills in the header's file name).
 fn nested_layer(layer: &StorageSource, read_only: bool) -> Value {
-    let file = storage(&layer.source, None, read_only);
-    match layer.format {
-        ImageFormat::Raw => Value::Object(file),
-        ImageFormat::Qcow2 => {
-            let mut m = Map::new();
-            m.insert("driver".into(), json!("qcow2"));
-            m.insert("file".into(), Value::Object(file));
-            match &layer.backing {
-                Backing::Unspecified => {}
-                Backing::End => {
-                    m.insert("backing".into(), Value::Null);
-                }
-                Backing::Store(b) => {
-                    m.insert("backing".into(), nested_layer(b, true));
-                }
-            }
-            if read_only {
-                m.insert("read-only".into(), json!(true));
-            }
-            Value::Object(m)
+    let file = storage(&layer.source, None, false);
+    let mut m = Map::new();
+    m.insert("driver".into(), json!(layer.format.as_str()));
+    m.insert("file".into(), Value::Object(file));
+    match (&layer.backing, layer.format) {
+        (_, ImageFormat::Raw) | (Backing::Unspecified, _) => {}
+        (Backing::End, _) => {
+            m.insert("backing".into(), Value::Null);
+        }
+        (Backing::Store(b), _) => {
+            m.insert("backing".into(), nested_layer(b, true));
         }
     }
+    if read_only {
+        m.insert("read-only".into(), json!(true));
+    }
+    Value::Object(m)
 }
 
 /// The whole disk as one nested object, for `qemu-io 'json:{...}'` or

@@ -210,7 +210,8 @@ fn nested_json_inlines_the_chain() {
         json!({"driver": "quorum", "vote-threshold": 1, "read-pattern": "quorum", "children": [
             {"driver": "qcow2",
              "file": {"driver": "file", "filename": "/i/top.qcow2"},
-             "backing": {"driver": "file", "filename": "/i/base.raw", "read-only": true}}
+             "backing": {"driver": "raw", "read-only": true,
+                         "file": {"driver": "file", "filename": "/i/base.raw"}}}
         ]})
     );
 }
