@@ -205,11 +205,9 @@ where
     };
     drop(rd);
     if end == End::Hard {
-        // Requests already running finish on the blocking pool; their
-        // replies have nowhere to go.
+        // Nothing more is sent. Requests already running still finish (and
+        // keep their ranges ordered until then); their replies are dropped.
         writer.abort();
-        tasks.abort_all();
-        return;
     }
     let grace = ctx.config.shutdown_grace;
     let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} });
