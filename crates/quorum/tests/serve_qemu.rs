@@ -1,0 +1,271 @@
+//! `quorum serve` driven by QEMU's own tools over `nbd+unix://`: qemu-io
+//! reads and writes, replicas corrupted underneath the daemon, and
+//! qemu-img info / convert / compare / map.
+
+mod support;
+
+use support::{Daemon, Disk, Format, Options, qemu_io, result_lines, tool};
+
+const MIB: u64 = 1 << 20;
+
+fn read_ok_line(len: u64, off: u64) -> String {
+    format!("read {len}/{len} bytes at offset {off}")
+}
+
+#[test]
+fn pattern_written_through_export_reads_back() {
+    let disk = Disk::new(&[Format::Raw; 3], 4 * MIB, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+
+    let out = qemu_io(&d.uri, &["write -P 0x32 0 4M", "read -P 0x32 0 4M"]);
+
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains(&read_ok_line(4 * MIB, 0)), "{out}");
+}
+
+#[test]
+fn write_through_export_reaches_every_replica_file() {
+    let disk = Disk::new(&[Format::Raw; 3], 4 * MIB, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+
+    let out = qemu_io(&d.uri, &["write -P 0x44 1M 64k"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    for i in 0..3 {
+        assert_eq!(
+            disk.peek_raw(i, MIB, 65536),
+            vec![0x44; 65536],
+            "replica {i}"
+        );
+    }
+}
+
+#[test]
+fn read_succeeds_when_one_replica_file_is_corrupted_underneath() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(1, 0, &[0x42; 65536]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 4M"]);
+
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains(&read_ok_line(4 * MIB, 0)), "{out}");
+}
+
+#[test]
+fn read_fails_with_eio_when_two_replicas_are_corrupted_differently() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    disk.fill(0, 0x41, 0, 64 * 1024);
+    disk.fill(1, 0x42, 0, 64 * 1024);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 64k"]);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.text().contains("read failed: Input/output error"),
+        "{out}"
+    );
+}
+
+#[test]
+fn corrupted_replica_is_left_alone_without_rewrite_corrupted() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(2, 8192, &[0x42; 4096]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 64k"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    assert_eq!(disk.peek_raw(2, 8192, 4096), vec![0x42; 4096]);
+}
+
+#[test]
+fn rewrite_corrupted_repairs_the_replica_file_on_disk() {
+    let opts = Options {
+        rewrite_corrupted: true,
+        ..Options::default()
+    };
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(2, 8192, &[0x42; 4096]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 64k"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    assert_eq!(disk.peek_raw(2, 0, 65536), vec![0x5a; 65536]);
+}
+
+#[test]
+fn scattered_corruption_reads_through_export_but_fails_in_qemu_quorum() {
+    // Replica 0 bad at 0..4k, replica 1 bad at 512k..516k: QEMU's
+    // whole-request vote sees three versions; ours votes per block.
+    let opts = Options::default();
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    disk.fill(0, 0x01, 0, 4096);
+    disk.fill(1, 0x02, 512 * 1024, 4096);
+    let d = Daemon::start(&disk, &[]);
+
+    let ours = qemu_io(&d.uri, &["read -P 0x5a 0 1M"]);
+    assert_eq!(d.stop(), Some(0));
+    let qemu = qemu_io(&disk.qemu_quorum_json(&opts), &["read -P 0x5a 0 1M"]);
+
+    assert_eq!(
+        (ours.code, result_lines(&ours)),
+        (Some(0), vec![read_ok_line(MIB, 0)]),
+        "ours: {ours}"
+    );
+    assert_eq!(
+        (qemu.code, result_lines(&qemu)),
+        (Some(1), vec!["read failed: Input/output error".to_owned()]),
+        "qemu: {qemu}"
+    );
+}
+
+#[test]
+fn daemon_exits_zero_on_sigterm_and_removes_socket_and_pid_file() {
+    let disk = Disk::new(&[Format::Raw; 3], MIB, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    let (socket, pid_file) = (d.socket.clone(), d.pid_file.clone());
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).expect("pid file").trim(),
+        d.pid().to_string()
+    );
+
+    let code = d.stop();
+
+    assert_eq!(code, Some(0));
+    assert!(!socket.exists() && !pid_file.exists());
+}
+
+#[test]
+fn qemu_img_info_reports_the_virtual_size() {
+    let disk = Disk::new(
+        &[Format::Qcow2, Format::Qcow2, Format::Raw],
+        8 * MIB,
+        &Options::default(),
+    );
+    let d = Daemon::start(&disk, &[]);
+
+    let out = tool("qemu-img", ["info", "--output=json", &d.uri]);
+
+    assert!(out.ok(), "{out}");
+    let info: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(info["virtual-size"], 8 * MIB);
+}
+
+#[test]
+fn qemu_img_convert_export_to_file_matches_the_replicas() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    for i in 0..3 {
+        disk.fill(i, 0x77, MIB, 12345);
+    }
+    let d = Daemon::start(&disk, &[]);
+    let dest = disk.file("out.raw");
+
+    let conv = tool(
+        "qemu-img",
+        [
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &d.uri,
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert!(conv.ok(), "{conv}");
+
+    let cmp = tool(
+        "qemu-img",
+        [
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            dest.to_str().unwrap(),
+            disk.path(0).to_str().unwrap(),
+        ],
+    );
+    assert!(cmp.ok(), "{cmp}");
+    assert!(cmp.stdout.contains("Images are identical"), "{cmp}");
+}
+
+#[test]
+fn qemu_img_convert_file_to_export_then_compare_is_identical() {
+    let disk = Disk::new(
+        &[Format::Qcow2, Format::Raw, Format::Raw],
+        4 * MIB,
+        &Options::default(),
+    );
+    let src = disk.file("src.raw");
+    support::write_seeded_file(&src, (4 * MIB) as usize, 7);
+    let d = Daemon::start(&disk, &[]);
+
+    let conv = tool(
+        "qemu-img",
+        [
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &d.uri,
+        ],
+    );
+    assert!(conv.ok(), "{conv}");
+    let cmp = tool(
+        "qemu-img",
+        [
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            &d.uri,
+        ],
+    );
+
+    assert!(cmp.ok(), "{cmp}");
+    assert!(cmp.stdout.contains("Images are identical"), "{cmp}");
+}
+
+#[test]
+fn qemu_img_map_shows_zero_where_all_replicas_are_unallocated_and_data_where_written() {
+    let disk = Disk::new(&[Format::Qcow2; 3], 4 * MIB, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    let w = qemu_io(&d.uri, &["write -P 0x33 1M 64k"]);
+    assert!(w.ok(), "{w}");
+
+    let out = tool("qemu-img", ["map", "--output=json", "-f", "raw", &d.uri]);
+
+    assert!(out.ok(), "{out}");
+    let map: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).expect("json");
+    let extents: Vec<(u64, u64, bool, bool)> = map
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        extents,
+        vec![
+            (0, MIB, false, true),
+            (MIB, 65536, true, false),
+            (MIB + 65536, 3 * MIB - 65536, false, true),
+        ]
+    );
+}
