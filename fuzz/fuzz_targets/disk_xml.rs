@@ -18,8 +18,15 @@ fuzz_target!(|data: &[u8]| {
     let back = quorum_config::parse_str(&xml, "canonical.xml", base, None)
         .unwrap_or_else(|e| panic!("canonical output refused:\n{e}\n{xml}"));
     assert_eq!(back, cfg, "round trip changed the model:\n{xml}");
-    assert_eq!(quorum_config::to_xml(&back), xml, "to_xml is not idempotent");
+    assert_eq!(
+        quorum_config::to_xml(&back),
+        xml,
+        "to_xml is not idempotent"
+    );
     let args = quorum_config::qemu::blockdev_args(&cfg);
-    assert_eq!(args.last().map(|a| a["driver"].as_str()), Some(Some("quorum")));
+    assert_eq!(
+        args.last().map(|a| a["driver"].as_str()),
+        Some(Some("quorum"))
+    );
     let _ = quorum_config::qemu::nested_json(&cfg);
 });
