@@ -185,6 +185,8 @@ pub struct Options {
     pub rewrite_corrupted: bool,
     /// `read_pattern`: `quorum` or `fifo`.
     pub read_pattern: &'static str,
+    /// `blkverify='on'`.
+    pub blkverify: bool,
 }
 
 impl Default for Options {
@@ -193,6 +195,7 @@ impl Default for Options {
             threshold: 2,
             rewrite_corrupted: false,
             read_pattern: "quorum",
+            blkverify: false,
         }
     }
 }
@@ -260,9 +263,10 @@ impl Disk {
         s.push_str("<disk type='quorum' device='disk'>\n");
         let _ = writeln!(
             s,
-            "  <driver name='qemu' type='quorum' read_pattern='{}' rewrite_corrupted='{}'/>",
+            "  <driver name='qemu' type='quorum' read_pattern='{}' rewrite_corrupted='{}' blkverify='{}'/>",
             opts.read_pattern,
-            if opts.rewrite_corrupted { "on" } else { "off" }
+            on_off(opts.rewrite_corrupted),
+            on_off(opts.blkverify),
         );
         let _ = writeln!(s, "  <threshold value='{}'/>", opts.threshold);
         for r in &self.replicas {
@@ -391,6 +395,10 @@ impl Disk {
             children.join(",")
         )
     }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
 }
 
 /// `qemu-img create` an image (qcow2 optionally on a raw backing file).
