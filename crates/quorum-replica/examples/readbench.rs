@@ -26,6 +26,7 @@ fn main() {
         &OpenOptions {
             read_only: true,
             direct: false,
+            no_locking: false,
         },
     )
     .unwrap()

@@ -29,6 +29,7 @@ fn raw_file(direct: bool) -> Fixture {
         &OpenOptions {
             read_only: false,
             direct,
+            no_locking: false,
         },
     )
     .unwrap();
@@ -48,6 +49,7 @@ fn qcow2_file(direct: bool) -> Fixture {
         &OpenOptions {
             read_only: false,
             direct,
+            no_locking: false,
         },
     )
     .unwrap();

@@ -122,6 +122,7 @@ fn qcow2_written_by_qemu_io_reads_back_here() {
         &OpenOptions {
             read_only: true,
             direct: false,
+            no_locking: false,
         },
     )
     .unwrap();
@@ -166,6 +167,7 @@ fn qcow2_over_raw_written_by_qemu_io_reads_back_here() {
         &OpenOptions {
             read_only: true,
             direct: false,
+            no_locking: false,
         },
     )
     .unwrap();
@@ -197,6 +199,7 @@ fn compressed_image_from_qemu_img_convert_reads_back_here() {
         &OpenOptions {
             read_only: true,
             direct: false,
+            no_locking: false,
         },
     )
     .unwrap();
@@ -240,6 +243,7 @@ fn block_status_reports_qemu_zero_clusters_as_zero() {
         &OpenOptions {
             read_only: true,
             direct: false,
+            no_locking: false,
         },
     )
     .unwrap();
@@ -272,6 +276,7 @@ fn qcow2_over_qcow2_with_relative_header_name_reads_back_here() {
         &OpenOptions {
             read_only: true,
             direct: false,
+            no_locking: false,
         },
     )
     .unwrap();
@@ -305,6 +310,7 @@ fn block_status_reports_backing_data_as_data() {
         &OpenOptions {
             read_only: true,
             direct: false,
+            no_locking: false,
         },
     )
     .unwrap();

@@ -9,10 +9,12 @@ use tempfile::TempDir;
 const RW: OpenOptions = OpenOptions {
     read_only: false,
     direct: false,
+    no_locking: false,
 };
 const RO: OpenOptions = OpenOptions {
     read_only: true,
     direct: false,
+    no_locking: false,
 };
 
 fn image(dir: &TempDir) -> std::path::PathBuf {
