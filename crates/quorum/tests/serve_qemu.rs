@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{Daemon, Disk, Format, Options, qemu_io, result_lines, tool};
+use support::{Daemon, Disk, Format, Options, qemu_io, qemu_io_read_only, result_lines, tool};
 
 const MIB: u64 = 1 << 20;
 
@@ -267,5 +267,121 @@ fn qemu_img_map_shows_zero_where_all_replicas_are_unallocated_and_data_where_wri
             (MIB, 65536, true, false),
             (MIB + 65536, 3 * MIB - 65536, false, true),
         ]
+    );
+}
+
+#[test]
+fn overlapping_pipelined_writes_leave_every_replica_identical() {
+    let disk = Disk::new(&[Format::Raw; 3], 4 * MIB, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    let mut cmds: Vec<String> = (0..32u32)
+        .map(|k| format!("aio_write -P {} {} 64k", k + 1, (k % 4) * 16384))
+        .collect();
+    cmds.push("aio_flush".to_owned());
+    let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+
+    let out = qemu_io(&d.uri, &cmd_refs);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    let r0 = disk.peek_raw(0, 0, 131072);
+    assert!(
+        r0 == disk.peek_raw(1, 0, 131072) && r0 == disk.peek_raw(2, 0, 131072),
+        "replicas diverged after overlapping writes"
+    );
+}
+
+#[test]
+fn sub_sector_corruption_is_outvoted_and_rewritten_in_place() {
+    let opts = Options {
+        rewrite_corrupted: true,
+        ..Options::default()
+    };
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(1, 1024, &[0x11; 16]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 1000 100"]);
+    assert_eq!(result_lines(&out), [read_ok_line(100, 1000)], "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    assert_eq!(disk.peek_raw(1, 1024, 16), vec![0x5a; 16]);
+}
+
+#[test]
+fn rewrite_corrupted_repairs_only_within_the_request() {
+    let opts = Options {
+        rewrite_corrupted: true,
+        ..Options::default()
+    };
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(0, 0, &[0x11; 8192]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 4k"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    assert_eq!(
+        (disk.peek_raw(0, 0, 4096), disk.peek_raw(0, 4096, 4096)),
+        (vec![0x5a; 4096], vec![0x11; 4096])
+    );
+}
+
+#[test]
+fn rewrite_corrupted_rewrites_nothing_without_quorum() {
+    let opts = Options {
+        rewrite_corrupted: true,
+        ..Options::default()
+    };
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(0, 0, &[0x11; 4096]);
+    disk.poke_raw(1, 0, &[0x22; 4096]);
+
+    let out = qemu_io(&d.uri, &["read 0 4k"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    assert_eq!(
+        (disk.peek_raw(0, 0, 4096), disk.peek_raw(1, 0, 4096)),
+        (vec![0x11; 4096], vec![0x22; 4096])
+    );
+}
+
+#[test]
+fn qemu_io_cannot_open_a_served_replica_for_writing() {
+    let disk = Disk::raw_filled(3, MIB, 0x5a, &Options::default());
+    let _d = Daemon::start(&disk, &[]);
+
+    let out = tool(
+        "qemu-io",
+        [
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 4k",
+            disk.path(1).to_str().unwrap(),
+        ],
+    );
+
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.text().contains("Failed to get \"write\" lock"), "{out}");
+}
+
+#[test]
+fn two_read_only_daemons_share_the_replicas() {
+    let disk = Disk::raw_filled(3, MIB, 0x5a, &Options::default());
+    let second_dir = disk.file("second");
+    std::fs::create_dir(&second_dir).expect("dir");
+    let a = Daemon::start(&disk, &["--read-only"]);
+    let b = Daemon::start_at(&disk.xml, &second_dir, &["--read-only"]);
+
+    let ra = qemu_io_read_only(&a.uri, &["read -P 0x5a 0 1M"]);
+    let rb = qemu_io_read_only(&b.uri, &["read -P 0x5a 0 1M"]);
+
+    assert_eq!(
+        (result_lines(&ra), result_lines(&rb)),
+        (vec![read_ok_line(MIB, 0)], vec![read_ok_line(MIB, 0)])
     );
 }

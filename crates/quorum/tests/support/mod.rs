@@ -442,7 +442,16 @@ pub fn qemu_io_file(path: &Path, format: Format, command: &str) {
 
 /// Run qemu-io commands against a filename (an NBD URI or `json:` string).
 pub fn qemu_io(target: &str, commands: &[&str]) -> Output {
-    let mut args: Vec<String> = Vec::new();
+    qemu_io_flags(target, &[], commands)
+}
+
+/// As [`qemu_io`], opening read-only (`-r`), as a read-only export needs.
+pub fn qemu_io_read_only(target: &str, commands: &[&str]) -> Output {
+    qemu_io_flags(target, &["-r"], commands)
+}
+
+fn qemu_io_flags(target: &str, flags: &[&str], commands: &[&str]) -> Output {
+    let mut args: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
     if !target.starts_with("json:") {
         args.extend(["-f".into(), "raw".into()]);
     }
