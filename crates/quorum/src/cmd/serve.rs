@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use quorum_engine::{Disk, OpenOptions};
@@ -71,38 +73,76 @@ pub struct Args {
 }
 
 /// The engine as an NBD backend.
-struct DiskBackend(Disk);
+struct DiskBackend {
+    disk: Disk,
+    /// Moving average of small-request latency, in nanoseconds.
+    small_ns: AtomicU64,
+}
+
+/// Requests up to this size feed the latency average.
+const SMALL: usize = 128 << 10;
+/// Below this average latency, small requests count as fast (page cache).
+const FAST_NS: u64 = 50_000;
+
+impl DiskBackend {
+    fn new(disk: Disk) -> Self {
+        DiskBackend {
+            disk,
+            small_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Time `f` into the moving average (weight 1/8) when the request is small.
+    fn timed<T>(&self, len: usize, f: impl FnOnce() -> T) -> T {
+        if len > SMALL {
+            return f();
+        }
+        let start = Instant::now();
+        let out = f();
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let old = self.small_ns.load(Ordering::Relaxed);
+        self.small_ns
+            .store(old - old / 8 + ns / 8, Ordering::Relaxed);
+        out
+    }
+}
 
 impl Backend for DiskBackend {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.disk.size()
     }
     fn read_only(&self) -> bool {
-        self.0.options().read_only
+        self.disk.options().read_only
     }
     fn can_multi_conn(&self) -> bool {
         // Every connection shares one engine, and a flush flushes every replica.
         true
     }
+    fn fast_small_requests(&self) -> bool {
+        self.small_ns.load(Ordering::Relaxed) < FAST_NS
+    }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
-        self.0.read(offset, buf).map_err(|e| e.errno)
+        let len = buf.len();
+        self.timed(len, || self.disk.read(offset, buf))
+            .map_err(|e| e.errno)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
-        self.0.write(offset, data, fua).map_err(|e| e.errno)
+        self.timed(data.len(), || self.disk.write(offset, data, fua))
+            .map_err(|e| e.errno)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<(), i32> {
-        self.0
+        self.disk
             .write_zeroes(offset, len, may_unmap, fua)
             .map_err(|e| e.errno)
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), i32> {
-        self.0.discard(offset, len).map_err(|e| e.errno)
+        self.disk.discard(offset, len).map_err(|e| e.errno)
     }
     fn flush(&self) -> Result<(), i32> {
-        self.0.flush().map_err(|e| e.errno)
+        self.disk.flush().map_err(|e| e.errno)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool, bool)>, i32> {
-        let extents = self.0.block_status(offset, len).map_err(|e| e.errno)?;
+        let extents = self.disk.block_status(offset, len).map_err(|e| e.errno)?;
         Ok(extents
             .into_iter()
             .map(|e| (e.length, e.hole, e.zero))
@@ -140,7 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ""
         }
     );
-    let backend = Arc::new(DiskBackend(disk));
+    let backend = Arc::new(DiskBackend::new(disk));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,7 +213,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .context("NBD server failed")
     });
     // Whatever happened, flush and release the replicas.
-    let failures = backend.0.flush_all();
+    let failures = backend.disk.flush_all();
     for (replica, e) in &failures {
         tracing::error!(replica = %replica, error = %e, "final flush failed");
     }

@@ -18,6 +18,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::order::OrderGuard;
+use super::pool::BufferPool;
 use super::{ExportState, ServerConfig, nbd_error};
 
 pub(crate) struct ConnCtx {
@@ -169,13 +171,25 @@ where
                 _ => None,
             };
             let backend = export.backend.clone();
+            if guard.as_ref().is_none_or(OrderGuard::is_ready)
+                && runs_inline(&req.header, &*backend)
+            {
+                let mut reply = execute_now(req, &*backend, &info, &export.buffers);
+                drop(guard);
+                reply._permit = Some(permit);
+                let _ = tx.send(reply);
+                continue;
+            }
             let tx = tx.clone();
+            let buffers = export.buffers.clone();
             tasks.spawn(async move {
                 let mut guard = guard;
                 if let Some(g) = guard.as_mut() {
                     g.wait().await;
                 }
-                let mut reply = execute(req, backend, info).await;
+                let h = req.header;
+                let run = move || execute_now(req, &*backend, &info, &buffers);
+                let mut reply = blocking(&h, &info, run).await;
                 drop(guard);
                 reply._permit = Some(permit);
                 let _ = tx.send(reply);
@@ -330,79 +344,85 @@ fn ok_reply(h: &RequestHeader) -> Outgoing {
     }
 }
 
-/// Run `f` on the blocking pool; a panic in the backend becomes EIO.
-async fn blocking<T, F>(f: F) -> Result<T, i32>
-where
-    F: FnOnce() -> Result<T, i32> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or(Err(libc::EIO))
+/// Reads and plain writes up to this size run on the connection's reader
+/// task, without a hand-off to the blocking pool, while the backend says its
+/// small requests are fast (page cache): two thread switches per request
+/// would cost more than the I/O.
+const INLINE_MAX: u32 = 128 * 1024;
+
+fn runs_inline(h: &RequestHeader, backend: &dyn super::Backend) -> bool {
+    let small = match h.command {
+        Command::Read => h.length <= INLINE_MAX,
+        Command::Write => h.length <= INLINE_MAX && !h.has_flag(cmd_flags::FUA),
+        _ => false,
+    };
+    small && backend.fast_small_requests()
 }
 
-async fn execute(
+/// Run `f` on the blocking pool; a panic in the backend becomes an EIO reply.
+async fn blocking<F>(h: &RequestHeader, info: &TransmissionInfo, f: F) -> Outgoing
+where
+    F: FnOnce() -> Outgoing + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(reply) => reply,
+        Err(_) => error_reply(h, info, nbd::EIO, None),
+    }
+}
+
+/// Execute one checked request against the backend (blocking) and build its reply.
+fn execute_now(
     req: Request,
-    backend: Arc<dyn super::Backend>,
-    info: TransmissionInfo,
+    backend: &dyn super::Backend,
+    info: &TransmissionInfo,
+    buffers: &Arc<BufferPool>,
 ) -> Outgoing {
     let h = req.header;
     let (off, len) = (h.offset, u64::from(h.length));
     let fua = h.has_flag(cmd_flags::FUA);
     let result = match h.command {
-        Command::Read => return read(h, backend, info).await,
+        Command::Read => return read(&h, backend, info, buffers),
+        Command::BlockStatus => return block_status(&h, backend, info),
         Command::Write if len == 0 => Ok(()),
-        Command::Write => {
-            let data = req.payload;
-            blocking(move || backend.write(off, &data, fua)).await
-        }
+        Command::Write => backend.write(off, &req.payload, fua),
         Command::WriteZeroes if h.has_flag(cmd_flags::FAST_ZERO) && !backend.can_fast_zero() => {
             Err(libc::ENOTSUP)
         }
         Command::WriteZeroes if len == 0 => Ok(()),
         Command::WriteZeroes => {
             let may_unmap = !h.has_flag(cmd_flags::NO_HOLE);
-            blocking(move || backend.write_zeroes(off, len, may_unmap, fua)).await
+            backend.write_zeroes(off, len, may_unmap, fua)
         }
         Command::Trim if len == 0 => Ok(()),
-        Command::Trim => {
-            blocking(move || {
-                backend.trim(off, len)?;
-                if fua { backend.flush() } else { Ok(()) }
-            })
-            .await
-        }
-        Command::Flush => blocking(move || backend.flush()).await,
+        Command::Trim => backend
+            .trim(off, len)
+            .and_then(|()| if fua { backend.flush() } else { Ok(()) }),
+        Command::Flush => backend.flush(),
         Command::Cache if len == 0 => Ok(()),
-        Command::Cache => blocking(move || backend.cache(off, len)).await,
-        Command::BlockStatus => return block_status(h, backend, info).await,
+        Command::Cache => backend.cache(off, len),
         Command::Disc | Command::Unknown(_) => Err(libc::EINVAL),
     };
     match result {
         Ok(()) => ok_reply(&h),
-        Err(e) => error_reply(&h, &info, nbd_error(e), None),
+        Err(e) => error_reply(&h, info, nbd_error(e), None),
     }
 }
 
-async fn read(
-    h: RequestHeader,
-    backend: Arc<dyn super::Backend>,
-    info: TransmissionInfo,
+fn read(
+    h: &RequestHeader,
+    backend: &dyn super::Backend,
+    info: &TransmissionInfo,
+    buffers: &Arc<BufferPool>,
 ) -> Outgoing {
     let len = h.length as usize;
-    let off = h.offset;
-    let result = if len == 0 {
-        Ok(Vec::new())
+    let data = if len == 0 {
+        Bytes::new()
     } else {
-        blocking(move || {
-            let mut v = vec![0u8; len];
-            backend.read(off, &mut v).map(|()| v)
-        })
-        .await
-    };
-    let data = match result {
-        Ok(v) => Bytes::from(v),
-        Err(e) => return error_reply(&h, &info, nbd_error(e), None),
+        let mut buf = buffers.get(len);
+        if let Err(e) = backend.read(h.offset, buf.as_mut_slice()) {
+            return error_reply(h, info, nbd_error(e), None);
+        }
+        Bytes::from_owner(buf)
     };
     let mut header = BytesMut::with_capacity(32);
     if !info.structured {
@@ -437,16 +457,16 @@ async fn read(
     }
 }
 
-async fn block_status(
-    h: RequestHeader,
-    backend: Arc<dyn super::Backend>,
-    info: TransmissionInfo,
+fn block_status(
+    h: &RequestHeader,
+    backend: &dyn super::Backend,
+    info: &TransmissionInfo,
 ) -> Outgoing {
     let (off, len) = (h.offset, u64::from(h.length));
     let Some(ctx_id) = info.base_allocation else {
-        return error_reply(&h, &info, nbd::EINVAL, None);
+        return error_reply(h, info, nbd::EINVAL, None);
     };
-    match blocking(move || backend.block_status(off, len)).await {
+    match backend.block_status(off, len) {
         Ok(list) => {
             let iter = list
                 .into_iter()
@@ -460,7 +480,7 @@ async fn block_status(
                 _permit: None,
             }
         }
-        Err(e) => error_reply(&h, &info, nbd_error(e), None),
+        Err(e) => error_reply(h, info, nbd_error(e), None),
     }
 }
 

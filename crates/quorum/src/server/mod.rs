@@ -19,6 +19,7 @@
 
 mod conn;
 mod order;
+mod pool;
 
 #[cfg(test)]
 mod tests;
@@ -66,6 +67,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Extents `(length, hole, zero)` covering the range from `offset` in
     /// order; may stop early or run past the end of the range.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool, bool)>, i32>;
+    /// True while small reads and writes complete in microseconds (page
+    /// cache), so the driver may run them on its network task instead of
+    /// handing them to the blocking pool. Default: false.
+    fn fast_small_requests(&self) -> bool {
+        false
+    }
     /// Prefetch hint. Default: nothing to do.
     fn cache(&self, offset: u64, len: u64) -> Result<(), i32> {
         let _ = (offset, len);
@@ -128,6 +135,7 @@ impl Default for ServerConfig {
 pub(crate) struct ExportState {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) order: Arc<RangeOrder>,
+    pub(crate) buffers: Arc<pool::BufferPool>,
 }
 
 /// Transmission flags to advertise for a backend, truthfully.
@@ -198,6 +206,7 @@ pub async fn serve_with(
         .map(|e| ExportState {
             backend: e.backend,
             order: Arc::default(),
+            buffers: Arc::default(),
         })
         .collect();
     let config = Arc::new(config);

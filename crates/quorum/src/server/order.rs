@@ -74,6 +74,11 @@ impl RangeOrder {
 }
 
 impl OrderGuard {
+    /// True when no earlier conflicting request is still running.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.deps.iter().all(CancellationToken::is_cancelled)
+    }
+
     /// Wait until every earlier conflicting request has finished.
     pub(crate) async fn wait(&mut self) {
         for d in self.deps.drain(..) {
