@@ -309,6 +309,7 @@ fn fio(uri: &str, extra: &[&str]) -> support::Output {
         "--verify=crc32c".to_owned(),
         "--do_verify=1".to_owned(),
         "--verify_fatal=1".to_owned(),
+        "--verify_state_save=0".to_owned(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     tool("fio", args)
