@@ -18,6 +18,17 @@ pub enum OpType {
     Flush,
 }
 
+impl OpType {
+    /// QEMU's name for it (`read`, `write`, `flush`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpType::Read => "read",
+            OpType::Write => "write",
+            OpType::Flush => "flush",
+        }
+    }
+}
+
 /// An event, serialised as QEMU's QMP events are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", content = "data")]
@@ -89,7 +100,7 @@ impl Event {
             } => {
                 tracing::warn!(
                     event = "QUORUM_REPORT_BAD",
-                    r#type = ?op,
+                    r#type = op.as_str(),
                     error = error.as_deref().unwrap_or(""),
                     node_name = %node_name,
                     sector_num,

@@ -385,3 +385,49 @@ fn two_read_only_daemons_share_the_replicas() {
         (vec![read_ok_line(MIB, 0)], vec![read_ok_line(MIB, 0)])
     );
 }
+
+#[test]
+fn voted_out_read_is_logged_as_one_structured_report_bad_line() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(1, 0, &[0x11; 65536]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 64k"]);
+
+    assert!(out.ok(), "{out}");
+    let log = d.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("QUORUM_REPORT_BAD"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    for field in [
+        "type=\"read\"",
+        "node_name=replica-1",
+        "sector_num=0",
+        "sectors_count=128",
+    ] {
+        assert!(lines[0].contains(field), "{field} missing in {}", lines[0]);
+    }
+}
+
+#[test]
+fn read_without_quorum_is_logged_as_quorum_failure() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &[]);
+    disk.poke_raw(0, 0, &[0x41; 4096]);
+    disk.poke_raw(1, 0, &[0x42; 4096]);
+
+    let out = qemu_io(&d.uri, &["read 0 4k"]);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    let log = d.log_text();
+    let failure = log
+        .lines()
+        .find(|l| l.contains("QUORUM_FAILURE"))
+        .unwrap_or_default();
+    assert!(
+        failure.contains("reference=vda") && failure.contains("sectors_count=8"),
+        "{log}"
+    );
+}
