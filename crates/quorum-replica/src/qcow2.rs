@@ -12,8 +12,8 @@ use quorum_config::model::{Backing, ImageFormat, Source, StorageSource};
 
 use crate::header::{Qcow2Header, Refusal, has_qcow2_magic};
 use crate::lock::LockMode;
-use crate::raw::{check_range, open_locked};
-use crate::{ErrorKind, Extent, OpenError, OpenOptions, Replica, ReplicaError, Result};
+use crate::raw::{check_range, check_writable, open_locked};
+use crate::{Extent, OpenError, OpenOptions, Replica, ReplicaError, Result};
 
 /// Deepest backing chain we follow (guards against header loops).
 const MAX_CHAIN: usize = 16;
@@ -299,13 +299,7 @@ impl Qcow2Replica {
     }
 
     fn writable(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(
-                ReplicaError::new(ErrorKind::ReadOnly, op, "replica is opened read-only")
-                    .at(offset, len),
-            );
-        }
-        check_range(self.size, op, offset, len)
+        check_writable(self.read_only, self.size, op, offset, len)
     }
 
     fn sync_all(&self, image: &Image, op: &'static str) -> Result<()> {

@@ -86,6 +86,23 @@ pub(crate) fn check_range(size: u64, op: &'static str, offset: u64, len: u64) ->
     }
 }
 
+/// Refuse writes to a read-only replica, then check the range.
+pub(crate) fn check_writable(
+    read_only: bool,
+    size: u64,
+    op: &'static str,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    if read_only {
+        return Err(
+            ReplicaError::new(ErrorKind::ReadOnly, op, "replica is opened read-only")
+                .at(offset, len),
+        );
+    }
+    check_range(size, op, offset, len)
+}
+
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on a valid fd.
@@ -180,13 +197,7 @@ impl RawReplica {
     }
 
     fn writable(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(
-                ReplicaError::new(ErrorKind::ReadOnly, op, "replica is opened read-only")
-                    .at(offset, len),
-            );
-        }
-        check_range(self.size, op, offset, len)
+        check_writable(self.read_only, self.size, op, offset, len)
     }
 
     fn datasync(&self, op: &'static str) -> Result<()> {

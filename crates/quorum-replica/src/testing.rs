@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::raw::check_range;
+use crate::raw::{check_range, check_writable};
 use crate::{ErrorKind, Extent, Replica, ReplicaError, Result};
 
 const BLOCK: u64 = 4096;
@@ -59,10 +59,7 @@ impl MemReplica {
     }
 
     fn writable(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(ReplicaError::new(ErrorKind::ReadOnly, op, "read-only").at(offset, len));
-        }
-        check_range(self.size, op, offset, len)
+        check_writable(self.read_only, self.size, op, offset, len)
     }
 
     /// Per-block pieces of `[offset, offset + len)`: (block, start in block, length).
