@@ -252,6 +252,7 @@ pub async fn serve_with(
             debug!(conn = id, "client gone");
         });
     };
+    while conns.try_join_next().is_some() {}
     let n = conns.len();
     if n > 0 {
         info!(
