@@ -90,3 +90,30 @@ fn validate_without_probe_does_not_open_images() {
 
     assert_eq!(out.code, Some(0), "{out}");
 }
+
+#[test]
+fn serve_refuses_replicas_of_different_sizes_naming_both() {
+    let disk = Disk::new(
+        &[Format::Raw, Format::Raw, Format::Raw],
+        MIB,
+        &Options::default(),
+    );
+    std::fs::remove_file(disk.path(1)).unwrap();
+    create_image(disk.path(1), Format::Raw, 2 * MIB, None);
+    let sock = disk.dir.path().join("s.sock");
+
+    let out = quorum([
+        "serve",
+        disk.xml.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    let expected = format!(
+        "replica {} has size 2097152 bytes, but replica {} has 1048576 bytes",
+        disk.path(1).display(),
+        disk.path(0).display()
+    );
+    assert!(out.stderr.contains(&expected), "{out}");
+}
