@@ -179,11 +179,14 @@ pub enum OpenError {
         /// The existing file.
         path: PathBuf,
     },
-    /// NBD sources have no backend yet.
-    #[error("replica {name}: nbd replicas are not supported yet")]
-    NbdUnsupported {
-        /// The NBD address.
+    /// An NBD replica is unreachable, refused the handshake, or is
+    /// declared in a way that can't be served (TLS, qcow2 over NBD).
+    #[error("replica {name}: {message}")]
+    Nbd {
+        /// The NBD address, as a URI.
         name: String,
+        /// What went wrong.
+        message: String,
     },
 }
 
@@ -202,7 +205,7 @@ impl OpenError {
             | OpenError::Invalid { path, .. }
             | OpenError::Imago { path, .. }
             | OpenError::Exists { path } => path.display().to_string(),
-            OpenError::NbdUnsupported { name } => name.clone(),
+            OpenError::Nbd { name, .. } => name.clone(),
         }
     }
 

@@ -5,8 +5,8 @@
 //!                    │         discard, flush, block_status)
 //!      ┌─────────────┼──────────────┬─────────────────┐
 //!   RawReplica   Qcow2Replica    NbdReplica     FaultyReplica
-//!  (file/block,  (imago, with    (later work)   (test-utils: errors,
-//!   pread/pwrite) backing chain)                 corruption, delays)
+//!  (file/block,  (imago, with    (remote NBD    (test-utils: errors,
+//!   pread/pwrite) backing chain)  server)        corruption, delays)
 //! ```
 //!
 //! Calls are blocking and may run concurrently from many threads (`&self`);
@@ -21,6 +21,7 @@
 mod error;
 mod header;
 mod lock;
+mod nbd;
 mod open;
 mod qcow2;
 mod raw;
@@ -28,6 +29,9 @@ mod raw;
 pub mod testing;
 
 pub use error::{ErrorKind, OpenError, ReplicaError, Result};
+pub use nbd::{
+    DEFAULT_TIMEOUT as NBD_DEFAULT_TIMEOUT, NbdAddress, NbdConfig, NbdReplica, host_errno,
+};
 pub use open::{OpenOptions, ProbeInfo, create, open, probe, probe_chain};
 pub use qcow2::Qcow2Replica;
 pub use raw::RawReplica;
@@ -95,5 +99,11 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
             zero: false,
             hole: false,
         }])
+    }
+
+    /// True for replicas behind a network hop (NBD): the engine always
+    /// fans out to them in parallel. Default: false.
+    fn is_remote(&self) -> bool {
+        false
     }
 }

@@ -12,7 +12,7 @@ use quorum_config::model::{Backing, ImageFormat, Source, StorageSource};
 use crate::header::{Qcow2Header, has_qcow2_magic};
 use crate::qcow2::{backing_layer, parse_format, refusal_error, resolve_backing, same_file};
 use crate::raw::file_size;
-use crate::{OpenError, Qcow2Replica, RawReplica, Replica};
+use crate::{NbdReplica, OpenError, Qcow2Replica, RawReplica, Replica};
 
 /// How to open a replica.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -32,19 +32,24 @@ fn file_path(src: &StorageSource) -> Result<&Path, OpenError> {
     match &src.source {
         Source::File { path } => Ok(path),
         Source::Block { dev } => Ok(dev),
-        Source::Nbd { .. } => Err(OpenError::NbdUnsupported {
+        Source::Nbd { .. } => Err(OpenError::Nbd {
             name: src.display_name(),
+            message: "not a local file".into(),
         }),
     }
 }
 
 /// Open one replica (with its backing chain) as the XML describes it.
+/// An NBD layer is connected to (see [`NbdReplica`]); it takes no locks.
 ///
 /// Takes QEMU-compatible OFD locks on every layer: writer locks on the top
 /// layer unless `read_only`, reader locks on the rest. Fails with
 /// [`OpenError::Locked`] when another process holds a conflicting lock.
 /// Does not compare sizes between replicas (the engine does).
 pub fn open(src: &StorageSource, opts: &OpenOptions) -> Result<Box<dyn Replica>, OpenError> {
+    if let Source::Nbd { .. } = src.source {
+        return Ok(Box::new(NbdReplica::open(src, opts)?));
+    }
     let path = file_path(src)?;
     match src.format {
         ImageFormat::Raw => {
@@ -79,7 +84,12 @@ pub struct ProbeInfo {
 
 /// Read the format, size and backing information of `src`'s top layer.
 /// Takes no locks, so it works while QEMU or a quorum daemon uses the file.
+/// An NBD layer is connected to for its size; its format is the XML's
+/// (which must be raw), and `path` holds its URI.
 pub fn probe(src: &StorageSource) -> Result<ProbeInfo, OpenError> {
+    if let Source::Nbd { .. } = src.source {
+        return crate::nbd::probe(src);
+    }
     probe_path(file_path(src)?)
 }
 
@@ -225,8 +235,10 @@ pub fn create(src: &StorageSource, size: u64, cluster_size: Option<u32>) -> Resu
             ));
         }
         Source::Nbd { .. } => {
-            return Err(OpenError::NbdUnsupported {
+            return Err(OpenError::Nbd {
                 name: src.display_name(),
+                message: "network replicas can't be created; create the export on its server"
+                    .into(),
             });
         }
     };

@@ -40,8 +40,9 @@ fn layer_path(src: &StorageSource) -> Result<&Path, OpenError> {
     match &src.source {
         Source::File { path } => Ok(path),
         Source::Block { dev } => Ok(dev),
-        Source::Nbd { .. } => Err(OpenError::NbdUnsupported {
+        Source::Nbd { .. } => Err(OpenError::Nbd {
             name: src.display_name(),
+            message: "an NBD layer inside a qcow2 backing chain is not supported".into(),
         }),
     }
 }

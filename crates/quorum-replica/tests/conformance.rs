@@ -17,6 +17,8 @@ struct Fixture {
     replica: Arc<dyn Replica>,
     /// Untouched ranges are holes (false when a backing file has data).
     fresh_is_hole: bool,
+    /// A server process (NBD backends), killed after the replica closes.
+    _server: Option<ChildGuard>,
     _dir: Option<TempDir>,
 }
 
@@ -36,6 +38,7 @@ fn raw_file(direct: bool) -> Fixture {
     Fixture {
         replica: replica.into(),
         fresh_is_hole: true,
+        _server: None,
         _dir: Some(dir),
     }
 }
@@ -56,6 +59,7 @@ fn qcow2_file(direct: bool) -> Fixture {
     Fixture {
         replica: replica.into(),
         fresh_is_hole: true,
+        _server: None,
         _dir: Some(dir),
     }
 }
@@ -82,6 +86,7 @@ fn qcow2_over_raw() -> Fixture {
     Fixture {
         replica: replica.into(),
         fresh_is_hole: false,
+        _server: None,
         _dir: Some(dir),
     }
 }
@@ -90,7 +95,24 @@ fn mem() -> Fixture {
     Fixture {
         replica: Arc::new(MemReplica::new(SIZE)),
         fresh_is_hole: true,
+        _server: None,
         _dir: None,
+    }
+}
+
+/// A raw file behind a real `qemu-nbd`, reached through the NBD client.
+fn nbd_over_qemu_nbd() -> Fixture {
+    let dir = TempDir::new().unwrap();
+    let path = path_in(&dir, "n.raw");
+    let socket = path_in(&dir, "nbd.sock");
+    create(&raw(&path), SIZE, None).unwrap();
+    let server = serve_qemu_nbd(&path, &socket);
+    let replica = open(&nbd_unix(&socket), &OpenOptions::default()).unwrap();
+    Fixture {
+        replica: replica.into(),
+        fresh_is_hole: true,
+        _server: Some(server),
+        _dir: Some(dir),
     }
 }
 
@@ -303,3 +325,4 @@ conformance!(qcow2_backend, qcow2_file(false));
 conformance!(qcow2_direct_backend, qcow2_file(true));
 conformance!(qcow2_over_raw_backend, qcow2_over_raw());
 conformance!(mem_backend, mem());
+conformance!(nbd_backend, nbd_over_qemu_nbd());

@@ -77,23 +77,46 @@ fn raw_file_declared_qcow2_is_a_format_mismatch() {
     assert!(matches!(err, OpenError::FormatMismatch { .. }), "{err}");
 }
 
-#[test]
-fn nbd_sources_are_not_supported_yet() {
-    let src = StorageSource {
+fn nbd_tcp(format: ImageFormat, tls: Option<bool>) -> StorageSource {
+    StorageSource {
         index: None,
-        format: ImageFormat::Raw,
+        format,
         source: Source::Nbd {
             export: None,
             host: NbdHost::Tcp {
                 name: "localhost".into(),
                 port: 10809,
             },
-            tls: None,
+            tls,
         },
         backing: Backing::Unspecified,
-    };
-    let err = open_err(&src).to_string();
-    assert!(err.contains("nbd replicas are not supported yet"), "{err}");
+    }
+}
+
+#[test]
+fn nbd_with_tls_is_refused() {
+    let err = open_err(&nbd_tcp(ImageFormat::Raw, Some(true))).to_string();
+    assert!(
+        err.contains("TLS for NBD replicas is not supported yet"),
+        "{err}"
+    );
+}
+
+#[test]
+fn qcow2_over_nbd_is_refused() {
+    let err = open_err(&nbd_tcp(ImageFormat::Qcow2, None)).to_string();
+    assert!(
+        err.contains("qcow2 over NBD is not supported; export the qcow2 with qemu-nbd -f qcow2 and declare it raw"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nbd_replicas_cannot_be_created() {
+    let err = create(&nbd_tcp(ImageFormat::Raw, None), 1 << 20, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("network replicas can't be created"), "{err}");
 }
 
 fn base_and_top(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {

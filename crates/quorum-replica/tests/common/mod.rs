@@ -168,3 +168,63 @@ pub fn exit_status_within(tool: &str, args: &[&str]) -> Option<std::process::Exi
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An XML layer for an NBD export on a unix socket (raw, default export).
+pub fn nbd_unix(socket: &Path) -> StorageSource {
+    StorageSource {
+        index: None,
+        format: ImageFormat::Raw,
+        source: Source::Nbd {
+            export: None,
+            host: quorum_config::model::NbdHost::Unix {
+                socket: socket.to_path_buf(),
+            },
+            tls: None,
+        },
+        backing: Backing::Unspecified,
+    }
+}
+
+/// Wait (bounded) until a unix socket accepts connections.
+pub fn wait_for_socket(socket: &Path) {
+    wait_until(|| std::os::unix::net::UnixStream::connect(socket).is_ok());
+}
+
+/// `qemu-nbd` serving a raw file on a unix socket, persistent (`-t`) and
+/// with discard passed through; waits until the socket accepts.
+pub fn serve_qemu_nbd(path: &Path, socket: &Path) -> ChildGuard {
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-t", "--discard=unmap", "-k"])
+        .arg(socket)
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd is required for this test");
+    let guard = ChildGuard(child);
+    wait_for_socket(socket);
+    guard
+}
+
+/// `nbdkit -f` on a unix socket with `args` (plugin, filters, parameters);
+/// waits for its pid file, which it writes once it accepts connections.
+pub fn serve_nbdkit(dir: &tempfile::TempDir, socket: &Path, args: &[&str]) -> ChildGuard {
+    let pid = dir.path().join(format!(
+        "{}.pid",
+        socket.file_name().unwrap().to_string_lossy()
+    ));
+    let _ = std::fs::remove_file(&pid);
+    let child = Command::new("nbdkit")
+        .args(["-f", "--exit-with-parent", "-U"])
+        .arg(socket)
+        .arg("-P")
+        .arg(&pid)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit is required for this test");
+    let guard = ChildGuard(child);
+    wait_until(|| std::fs::metadata(&pid).is_ok_and(|m| m.len() > 0));
+    guard
+}
