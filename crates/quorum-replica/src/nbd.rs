@@ -7,8 +7,10 @@
 //!        └─ per-request channel ◀─ reader thread (routes replies by cookie)
 //! ```
 //! One pipelined connection per replica: every thread's requests share it,
-//! and a reader thread hands each reply to its waiter. A broken or stalled
-//! connection fails what is in flight; the next call reconnects (once).
+//! and a reader thread hands each reply to its waiter. A stalled connection
+//! (no reply within the timeout) fails what is in flight with ETIMEDOUT; a
+//! closed one is reconnected once per call, and the call retried once.
+//! A reconnect that failed slowly is not retried for as long as it took.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -42,7 +44,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest zeroing, trim or block-status request sent at once.
 const BIG_PIECE: u64 = 1 << 30;
 /// Bytes the reader asks the socket for at once (at least).
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Where an NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +135,16 @@ pub struct NbdReplica {
     name: String,
     size: u64,
     read_only: bool,
-    conn: Mutex<Option<Arc<Conn>>>,
+    slot: Mutex<Slot>,
+}
+
+/// The current connection, and when a failed reconnect may be retried.
+struct Slot {
+    conn: Option<Arc<Conn>>,
+    /// After a failed attempt that took `d`, calls fail fast for another
+    /// `d` (so a black-holed server costs at most half the time), with
+    /// the attempt's message.
+    retry_after: Option<(Instant, String)>,
 }
 
 impl fmt::Debug for NbdReplica {
@@ -168,7 +179,10 @@ impl NbdReplica {
             read_only,
             name,
             cfg,
-            conn: Mutex::new(Some(Arc::new(conn))),
+            slot: Mutex::new(Slot {
+                conn: Some(Arc::new(conn)),
+                retry_after: None,
+            }),
         })
     }
 
@@ -179,32 +193,47 @@ impl NbdReplica {
 
     /// Transmission flags of the current connection (0 when disconnected).
     pub fn transmission_flags(&self) -> u16 {
-        self.conn.lock().as_ref().map_or(0, |c| c.export.flags)
+        self.slot.lock().conn.as_ref().map_or(0, |c| c.export.flags)
     }
 
     /// The live connection, or a new one (one attempt) if it broke.
     fn conn(&self) -> std::result::Result<Arc<Conn>, Failure> {
-        let mut slot = self.conn.lock();
-        if let Some(c) = slot.as_ref()
+        let mut slot = self.slot.lock();
+        if let Some(c) = slot.conn.as_ref()
             && !c.shared.dead.load(Ordering::Acquire)
         {
             return Ok(Arc::clone(c));
         }
-        *slot = None;
-        let c = Conn::open(&self.cfg).map_err(|m| Failure::new(libc::EIO, m))?;
+        slot.conn = None;
+        if let Some((until, message)) = &slot.retry_after
+            && Instant::now() < *until
+        {
+            return Err(Failure::new(libc::EIO, message.clone()));
+        }
+        let start = Instant::now();
+        match self.reconnect() {
+            Ok(c) => {
+                tracing::info!(replica = %self.name, "reconnected to the nbd server");
+                slot.retry_after = None;
+                slot.conn = Some(Arc::clone(&c));
+                Ok(c)
+            }
+            Err(message) => {
+                slot.retry_after = Some((Instant::now() + start.elapsed(), message.clone()));
+                Err(Failure::new(libc::EIO, message))
+            }
+        }
+    }
+
+    fn reconnect(&self) -> std::result::Result<Arc<Conn>, String> {
+        let c = Conn::open(&self.cfg)?;
         if c.export.size != self.size {
-            return Err(Failure::new(
-                libc::EIO,
-                format!(
-                    "after reconnecting, the export size is {} instead of {}",
-                    c.export.size, self.size
-                ),
+            return Err(format!(
+                "after reconnecting, the export size is {} instead of {}",
+                c.export.size, self.size
             ));
         }
-        tracing::info!(replica = %self.name, "reconnected to nbd server");
-        let c = Arc::new(c);
-        *slot = Some(Arc::clone(&c));
-        Ok(c)
+        Ok(Arc::new(c))
     }
 
     fn call<T>(
@@ -262,7 +291,7 @@ impl Replica for NbdReplica {
         if len == 0 {
             return Ok(());
         }
-        let conn = self.conn.lock().clone();
+        let conn = self.slot.lock().conn.clone();
         if conn.is_some_and(|c| c.export.flags & tf::SEND_TRIM == 0) {
             return Err(ReplicaError::unsupported("discard").at(offset, len));
         }
