@@ -7,7 +7,7 @@ use quorum_replica::{Extent, Replica, ReplicaError};
 use quorum_vote::{BlockVote, Copy, Granularity, Mask, Verdict, vote_read, vote_status};
 
 use crate::events::{Counters, Event, EventBus, OpType, ReplicaStats, sectors};
-use crate::pool::BufPool;
+use crate::pool::{AlignedBuf, BufPool};
 use crate::range_lock::RangeLock;
 
 pub use quorum_config::ReadPattern;
@@ -104,10 +104,13 @@ pub struct Disk {
     ranges: RangeLock,
     pool: BufPool,
     workers: rayon::ThreadPool,
-    /// False when the process may use only one CPU: parallel page-cache
-    /// copies then only add context switches (about a fifth of the daemon's
-    /// CPU on 1 MiB writes, measured).
+    /// False when the process may use only one CPU and every replica is
+    /// local: parallel page-cache copies then only add context switches
+    /// (about a fifth of the daemon's CPU on 1 MiB writes, measured).
     parallel: bool,
+    /// Some replica is remote: fan out in parallel whatever the size, since
+    /// round trips, not copies, dominate.
+    remote: bool,
 }
 
 impl fmt::Debug for Disk {
@@ -144,7 +147,7 @@ pub enum BuildError {
 /// Outcome of reading and voting one range (shared by reads and scrub).
 struct Voted {
     verdict: Verdict,
-    extra: Vec<Vec<u8>>,
+    extra: Vec<AlignedBuf>,
 }
 
 /// A divergent range found by [`Disk::scrub`].
@@ -204,6 +207,7 @@ impl Disk {
             .thread_name(|i| format!("quorum-io-{i}"))
             .build()
             .map_err(|e| BuildError::Invalid(format!("cannot start I/O threads: {e}")))?;
+        let remote = replicas.iter().any(|(_, r)| r.is_remote());
         let slots = replicas
             .into_iter()
             .map(|(name, replica)| Slot {
@@ -220,7 +224,8 @@ impl Disk {
             ranges: RangeLock::default(),
             pool: BufPool::default(),
             workers,
-            parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) || remote,
+            remote,
         })
     }
 
@@ -283,7 +288,7 @@ impl Disk {
 
     /// Run `f` on every replica; in parallel on the worker pool when asked.
     fn fan_out<T: Send>(&self, parallel: bool, f: impl Fn(usize, &Slot) -> T + Sync) -> Vec<T> {
-        if !parallel || !self.parallel || self.slots.len() == 1 {
+        if !(parallel || self.remote) || !self.parallel || self.slots.len() == 1 {
             return self
                 .slots
                 .iter()
@@ -376,7 +381,8 @@ impl Disk {
         granularity: Granularity,
     ) -> (Voted, Vec<Option<ReplicaError>>) {
         let len = buf.len();
-        let mut extra: Vec<Vec<u8>> = (1..self.slots.len()).map(|_| self.pool.get(len)).collect();
+        let mut extra: Vec<AlignedBuf> =
+            (1..self.slots.len()).map(|_| self.pool.get(len)).collect();
         let results: Vec<Result<(), ReplicaError>> = {
             let mut targets: Vec<&mut [u8]> = Vec::with_capacity(self.slots.len());
             targets.push(&mut *buf);
@@ -746,7 +752,7 @@ impl Disk {
 
 /// Copy winning blocks whose winner is not replica 0 into `buf`, which holds
 /// replica 0's read.
-fn assemble(buf: &mut [u8], blocks: &[BlockVote], extra: &[Vec<u8>]) {
+fn assemble<E: std::ops::Deref<Target = [u8]>>(buf: &mut [u8], blocks: &[BlockVote], extra: &[E]) {
     for b in blocks {
         if b.source != 0 {
             let src = &extra[b.source - 1][b.start..b.start + b.len];

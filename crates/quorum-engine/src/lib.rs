@@ -16,7 +16,7 @@
 mod disk;
 mod events;
 mod open;
-mod pool;
+pub mod pool;
 mod range_lock;
 
 pub use disk::{
@@ -24,4 +24,5 @@ pub use disk::{
 };
 pub use events::{Event, OpType, ReplicaStats, sectors};
 pub use open::{OpenError, OpenOptions, open, options_from_config};
+pub use pool::{AlignedBuf, BufPool};
 pub use quorum_vote::{Granularity, Mask};

@@ -20,7 +20,7 @@ pub struct OpenOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// A replica could not be opened.
-    #[error("replica {index} ({name}): {source}")]
+    #[error("cannot open replica {index}: {source}")]
     Replica {
         /// Replica index in the XML.
         index: usize,

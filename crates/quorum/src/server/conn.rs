@@ -5,7 +5,7 @@ use std::io::IoSlice;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use nbd_proto::consts::{MAX_PAYLOAD, cmd_flags, errno as nbd};
+use nbd_proto::consts::{MAX_PAYLOAD, REQUEST_HEADER_LEN, cmd_flags, errno as nbd};
 use nbd_proto::{
     Command, ExportInfo, HandshakeOutcome, Incoming, Negotiated, Request, RequestDecoder,
     RequestHeader, ServerHandshake, TransmissionInfo, allocation_flags, build_extents,
@@ -133,12 +133,26 @@ where
     let end = 'outer: loop {
         while tasks.try_join_next().is_some() {}
         loop {
-            let incoming = match decoder.decode(&mut buf) {
-                Ok(Some(i)) => i,
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(conn = ctx.id, error = %e, "protocol error; disconnecting client");
-                    break 'outer End::Hard;
+            let incoming = if let Some(h) = large_write(&decoder, &buf) {
+                let read = read_payload(h, &mut buf, &mut rd, &export.buffers);
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break 'outer End::Clean,
+                    r = read => match r {
+                        Ok(req) => Incoming::Request(req),
+                        Err(e) => {
+                            debug!(conn = ctx.id, error = %e, "client left mid-write");
+                            break 'outer End::Hard;
+                        }
+                    },
+                }
+            } else {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(i)) => i,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(conn = ctx.id, error = %e, "protocol error; disconnecting client");
+                        break 'outer End::Hard;
+                    }
                 }
             };
             let permit = tokio::select! {
@@ -231,6 +245,43 @@ where
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// Write payloads at least this large are read straight from the socket
+/// into a page-aligned pooled buffer: replicas then copy from aligned memory
+/// (a misaligned source made each 1 MiB pwrite measurably slower).
+const ALIGNED_WRITE_MIN: u32 = 64 * 1024;
+
+/// The header of a complete, acceptable large write at the front of `buf`.
+fn large_write(decoder: &RequestDecoder, buf: &BytesMut) -> Option<RequestHeader> {
+    if decoder.discarding() > 0 || buf.len() < REQUEST_HEADER_LEN {
+        return None;
+    }
+    let h = RequestHeader::decode(&buf[..REQUEST_HEADER_LEN]).ok()?;
+    let fits = (ALIGNED_WRITE_MIN..=MAX_PAYLOAD).contains(&h.length);
+    (h.command == Command::Write && fits).then_some(h)
+}
+
+/// Consume `h`'s header from `buf` and read its payload into an aligned
+/// buffer: first what `buf` already holds, then the rest from the socket.
+async fn read_payload<R: AsyncRead + Unpin>(
+    h: RequestHeader,
+    buf: &mut BytesMut,
+    rd: &mut R,
+    buffers: &Arc<BufferPool>,
+) -> std::io::Result<Request> {
+    buf.advance(REQUEST_HEADER_LEN);
+    let len = h.length as usize;
+    let mut payload = buffers.get(len);
+    let dst = payload.as_mut_slice();
+    let have = buf.len().min(len);
+    dst[..have].copy_from_slice(&buf[..have]);
+    buf.advance(have);
+    rd.read_exact(&mut dst[have..]).await?;
+    Ok(Request {
+        header: h,
+        payload: Bytes::from_owner(payload),
+    })
 }
 
 /// Send replies as they complete, batching whatever is queued into one
