@@ -47,6 +47,15 @@ fn run(program: &str, args: &[&str], cwd: &Path) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program} (install qemu-utils): {e}"))
 }
 
+/// Exit success and the first stdout line (qemu-io's result line).
+fn status_and_first_line(out: &Output) -> (bool, Option<String>) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    (
+        out.status.success(),
+        text.lines().next().map(str::to_string),
+    )
+}
+
 fn ok(program: &str, args: &[&str], cwd: &Path) -> String {
     let out = run(program, args, cwd);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -205,13 +214,7 @@ fn qemu_io_writes_through_the_json_form() {
     );
 
     assert_eq!(
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        ),
+        status_and_first_line(&out),
         (
             true,
             Some("wrote 1048576/1048576 bytes at offset 0".to_string())
@@ -235,13 +238,7 @@ fn qemu_io_reads_back_through_the_json_form() {
     );
 
     assert_eq!(
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        ),
+        status_and_first_line(&out),
         (
             true,
             Some("read 1048576/1048576 bytes at offset 0".to_string())
@@ -296,13 +293,7 @@ fn storage_daemon_serves_data_written_through_the_json_form() {
     );
 
     assert_eq!(
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        ),
+        status_and_first_line(&out),
         (
             true,
             Some("read 1048576/1048576 bytes at offset 0".to_string())
@@ -322,13 +313,7 @@ fn storage_daemon_reads_data_from_the_raw_backing_file() {
     );
 
     assert_eq!(
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        ),
+        status_and_first_line(&out),
         (
             true,
             Some("read 1048576/1048576 bytes at offset 2097152".to_string())
@@ -353,13 +338,7 @@ fn storage_daemon_export_accepts_writes_through_the_quorum() {
     );
 
     assert_eq!(
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        ),
+        status_and_first_line(&out),
         (
             true,
             Some("read 65536/65536 bytes at offset 1048576".to_string())
@@ -380,13 +359,7 @@ fn readonly_disk_json_form_opens_with_qemu_io_r() {
     );
 
     assert_eq!(
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        ),
+        status_and_first_line(&out),
         (
             true,
             Some("read 1048576/1048576 bytes at offset 2097152".to_string())
