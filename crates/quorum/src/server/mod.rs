@@ -14,9 +14,6 @@
 //! in-flight requests finish (bounded by a grace period) and `serve` returns
 //! so the caller can flush replicas.
 
-// Until `cmd/serve.rs` calls `serve`, most of this is unused outside tests.
-#![allow(dead_code)]
-
 mod conn;
 mod order;
 mod pool;
