@@ -20,3 +20,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo test --workspace --all-targets "$@"
+# Once more confined to one CPU: the engine and the NBD driver take other
+# paths there (sequential fan-out, no blocking-pool hand-off).
+taskset -c 0 cargo test -p quorum -p quorum-engine --all-targets "$@"

@@ -402,12 +402,21 @@ fn ok_reply(h: &RequestHeader) -> Outgoing {
 const INLINE_MAX: u32 = 128 * 1024;
 
 fn runs_inline(h: &RequestHeader, backend: &dyn super::Backend) -> bool {
-    let small = match h.command {
-        Command::Read => h.length <= INLINE_MAX,
-        Command::Write => h.length <= INLINE_MAX && !h.has_flag(cmd_flags::FUA),
+    // On one CPU nothing runs beside this task anyway, so large requests
+    // skip the hand-off too.
+    let fits = h.length <= INLINE_MAX || one_cpu();
+    let eligible = match h.command {
+        Command::Read => fits,
+        Command::Write => fits && !h.has_flag(cmd_flags::FUA),
         _ => false,
     };
-    small && backend.fast_small_requests()
+    eligible && backend.fast_small_requests()
+}
+
+/// The process may run on one CPU only (affinity or cgroup quota).
+fn one_cpu() -> bool {
+    static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() == 1))
 }
 
 /// Run `f` on the blocking pool; a panic in the backend becomes an EIO reply.
