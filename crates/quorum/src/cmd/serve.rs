@@ -183,7 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let backend = Arc::new(DiskBackend::new(disk));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(network_threads())
         .max_blocking_threads(256)
         .thread_name("quorum-net")
         .enable_all()
@@ -229,6 +229,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// One network thread per CPU the process may use, up to 8: on a process
+/// confined to one CPU a second thread only adds cross-thread wake-ups.
+fn network_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
 }
 
 fn init_logging() {
