@@ -288,7 +288,9 @@ impl Disk {
 
     /// Run `f` on every replica; in parallel on the worker pool when asked.
     fn fan_out<T: Send>(&self, parallel: bool, f: impl Fn(usize, &Slot) -> T + Sync) -> Vec<T> {
-        if !(parallel || self.remote) || !self.parallel || self.slots.len() == 1 {
+        // Remote replicas always go in parallel; nothing does on one CPU.
+        let parallel = (parallel || self.remote) && self.parallel;
+        if !parallel || self.slots.len() == 1 {
             return self
                 .slots
                 .iter()

@@ -50,12 +50,29 @@ impl DerefMut for AlignedBuf {
 }
 
 /// A pool of [`AlignedBuf`]s.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BufPool {
     free: Mutex<Vec<AlignedBuf>>,
+    max_kept: usize,
+    max_len: usize,
+}
+
+impl Default for BufPool {
+    fn default() -> Self {
+        BufPool::with_limits(MAX_POOLED, MAX_POOLED_LEN)
+    }
 }
 
 impl BufPool {
+    /// A pool that keeps at most `max_kept` buffers of at most `max_len` bytes.
+    pub fn with_limits(max_kept: usize, max_len: usize) -> Self {
+        BufPool {
+            free: Mutex::new(Vec::new()),
+            max_kept,
+            max_len,
+        }
+    }
+
     /// A buffer of at least `len` bytes (contents unspecified).
     pub fn get(&self, len: usize) -> AlignedBuf {
         let mut free = self.free.lock();
@@ -68,11 +85,11 @@ impl BufPool {
 
     /// Give a buffer back for reuse.
     pub fn put(&self, buf: AlignedBuf) {
-        if buf.len() > MAX_POOLED_LEN {
+        if buf.len() > self.max_len {
             return;
         }
         let mut free = self.free.lock();
-        if free.len() < MAX_POOLED {
+        if free.len() < self.max_kept {
             free.push(buf);
         }
     }

@@ -1,20 +1,25 @@
-//! Reusable, page-aligned read buffers. A reply's data is a `Bytes` that
-//! owns a pooled buffer and gives it back when the reply has been written,
-//! so steady reads neither fault in fresh memory nor zero it.
+//! Reusable, page-aligned read buffers for replies. A reply's data is a
+//! `Bytes` that owns a buffer from the engine's [`BufPool`] and gives it back
+//! when the reply has been written, so steady reads neither fault in fresh
+//! memory nor zero it.
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-use quorum_engine::AlignedBuf;
+use quorum_engine::{AlignedBuf, BufPool};
 
 /// Buffers kept per export.
 const MAX_KEPT: usize = 128;
 /// Buffers larger than this are freed, not kept.
 const MAX_KEPT_LEN: usize = 4 << 20;
 
-#[derive(Debug, Default)]
-pub(crate) struct BufferPool {
-    free: Mutex<Vec<AlignedBuf>>,
+/// The per-export pool of reply and write-payload buffers.
+#[derive(Debug)]
+pub(crate) struct BufferPool(BufPool);
+
+impl Default for BufferPool {
+    fn default() -> Self {
+        BufferPool(BufPool::with_limits(MAX_KEPT, MAX_KEPT_LEN))
+    }
 }
 
 /// A buffer of `len` bytes that returns to its pool on drop.
@@ -29,15 +34,8 @@ pub(crate) struct PooledBuf {
 impl BufferPool {
     /// A buffer of exactly `len` bytes (contents unspecified).
     pub(crate) fn get(self: &Arc<Self>, len: usize) -> PooledBuf {
-        let found = {
-            let mut free = self.free.lock();
-            free.iter()
-                .position(|b| b.len() >= len)
-                .map(|i| free.swap_remove(i))
-        };
-        let buf = found.unwrap_or_else(|| AlignedBuf::new(len.next_power_of_two().max(4096)));
         PooledBuf {
-            buf: Some(buf),
+            buf: Some(self.0.get(len)),
             len,
             pool: self.clone(),
         }
@@ -58,13 +56,8 @@ impl AsRef<[u8]> for PooledBuf {
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        let Some(buf) = self.buf.take() else { return };
-        if buf.len() > MAX_KEPT_LEN {
-            return;
-        }
-        let mut free = self.pool.free.lock();
-        if free.len() < MAX_KEPT {
-            free.push(buf);
+        if let Some(buf) = self.buf.take() {
+            self.pool.0.put(buf);
         }
     }
 }
