@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use quorum_replica::{Extent, Replica, ReplicaError};
+use quorum_replica::{Extent, FileRegion, Replica, ReplicaError};
 use quorum_vote::{BlockVote, Copy, Granularity, Mask, Verdict, vote_read, vote_status};
 
 use crate::events::{Counters, Event, EventBus, OpType, ReplicaStats, sectors};
@@ -346,19 +346,46 @@ impl Disk {
         if buf.is_empty() {
             return Ok(());
         }
-        let _guard = self.ranges.lock(offset, len, false);
+        self.read_voted(offset, buf).map(drop)
+    }
+
+    /// [`Disk::read`], and also where the voted bytes sit unchanged in a
+    /// replica's page cache, if one whose copy won every block offers that
+    /// ([`Replica::file_region`]). A server may send the reply from there;
+    /// the bytes stay the voted ones only while no write to the range runs,
+    /// so the caller keeps overlapping writes out until it has sent them.
+    pub fn read_with_region(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<FileRegion>, IoError> {
+        let len = buf.len() as u64;
+        self.check_range("read", offset, len)?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let winners = self.read_voted(offset, buf)?;
+        Ok((0..self.slots.len())
+            .filter(|i| winners & (1 << i) != 0)
+            .find_map(|i| self.slots[i].replica.file_region(offset, len)))
+    }
+
+    /// Read under a shared range lock; returns the replicas whose copy is
+    /// the result for the whole range.
+    fn read_voted(&self, offset: u64, buf: &mut [u8]) -> Result<Mask, IoError> {
+        let _guard = self.ranges.lock(offset, buf.len() as u64, false);
         match self.opts.read_pattern {
             ReadPattern::Fifo => self.read_fifo(offset, buf),
             ReadPattern::Quorum => self.read_quorum(offset, buf),
         }
     }
 
-    fn read_fifo(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read_fifo(&self, offset: u64, buf: &mut [u8]) -> Result<Mask, IoError> {
         let len = buf.len() as u64;
         let mut errno = quorum_vote::EIO;
         for (i, slot) in self.slots.iter().enumerate() {
             match slot.replica.read_at(buf, offset) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(1 << i),
                 Err(e) => {
                     Counters::add(&slot.counters.read_errors, 1);
                     self.report_bad(i, OpType::Read, Some(&e), offset, len);
@@ -411,7 +438,7 @@ impl Disk {
         (Voted { verdict, extra }, errors)
     }
 
-    fn read_quorum(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+    fn read_quorum(&self, offset: u64, buf: &mut [u8]) -> Result<Mask, IoError> {
         let len = buf.len() as u64;
         let (voted, errors) = self.read_and_vote(offset, buf, self.opts.granularity);
         for (i, e) in errors.iter().enumerate() {
@@ -447,13 +474,14 @@ impl Disk {
                     len,
                 })
             }
-            Verdict::Agreed { blocks, .. } => {
+            Verdict::Agreed { blocks, failed } => {
                 assemble(buf, blocks, &voted.extra);
                 self.report_dissent(offset, blocks);
                 if self.opts.rewrite_corrupted {
                     self.rewrite(offset, buf, blocks, None);
                 }
-                Ok(())
+                let all = Mask::MAX >> (Mask::BITS as usize - self.slots.len());
+                Ok(blocks.iter().fold(all & !failed, |m, b| m & !b.dissent))
             }
         };
         for b in voted.extra {

@@ -25,4 +25,5 @@ pub use disk::{
 pub use events::{Event, OpType, ReplicaStats, sectors};
 pub use open::{OpenError, OpenOptions, open, options_from_config};
 pub use pool::{AlignedBuf, BufPool};
+pub use quorum_replica::FileRegion;
 pub use quorum_vote::{Granularity, Mask};

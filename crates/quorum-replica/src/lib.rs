@@ -36,6 +36,17 @@ pub use open::{OpenOptions, ProbeInfo, create, open, probe, probe_chain};
 pub use qcow2::Qcow2Replica;
 pub use raw::RawReplica;
 
+/// Where a replica keeps some of its bytes: a host file read through the
+/// page cache, at `offset`. A server may send a reply from it with
+/// `sendfile` instead of copying the bytes through user space.
+#[derive(Debug, Clone)]
+pub struct FileRegion {
+    /// The replica's open file (shared, so a reply in flight keeps it open).
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Byte offset in `file`.
+    pub offset: u64,
+}
+
 /// One extent of a block-status answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -105,5 +116,15 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// fans out to them in parallel. Default: false.
     fn is_remote(&self) -> bool {
         false
+    }
+
+    /// Where this replica's bytes `[offset, offset + len)` sit, unchanged,
+    /// in a host file read through the page cache (raw files without
+    /// `O_DIRECT`). Callers that have just read and voted these bytes may
+    /// send them from there. Default: `None`; wrappers that alter data (test
+    /// faults) must keep it so.
+    fn file_region(&self, offset: u64, len: u64) -> Option<FileRegion> {
+        let _ = (offset, len);
+        None
     }
 }

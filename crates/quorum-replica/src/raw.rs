@@ -5,11 +5,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::lock::{self, LockFailure, LockMode};
-use crate::{ErrorKind, Extent, OpenError, OpenOptions, Replica, ReplicaError, Result};
+use crate::{ErrorKind, Extent, FileRegion, OpenError, OpenOptions, Replica, ReplicaError, Result};
 
 /// Alignment used for `O_DIRECT` (covers 512- and 4096-byte sectors).
 const DIRECT_ALIGN: usize = 4096;
@@ -24,7 +25,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// mutex (so the size must be a multiple of 4096).
 #[derive(Debug)]
 pub struct RawReplica {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -183,7 +184,7 @@ impl RawReplica {
             ));
         }
         Ok(RawReplica {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             size,
             read_only: opts.read_only,
@@ -317,6 +318,15 @@ impl Replica for RawReplica {
             return Ok(());
         }
         self.datasync("flush")
+    }
+
+    /// Buffered files only: with `O_DIRECT` the page cache may be stale.
+    fn file_region(&self, offset: u64, len: u64) -> Option<FileRegion> {
+        let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        (self.rmw.is_none() && inside).then(|| FileRegion {
+            file: self.file.clone(),
+            offset,
+        })
     }
 
     /// Holes (per `SEEK_HOLE`) are `hole + zero`; everything else is data.
