@@ -54,6 +54,41 @@ fn read_succeeds_when_one_replica_file_is_corrupted_underneath() {
 }
 
 #[test]
+fn sendfile_reply_never_comes_from_a_voted_out_first_replica() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &["--sendfile", "always"]);
+    disk.poke_raw(0, 0, &[0x42; 65536]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 4M"]);
+
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains(&read_ok_line(4 * MIB, 0)), "{out}");
+}
+
+#[test]
+fn sendfile_reply_shows_the_latest_write() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &["--sendfile", "always"]);
+
+    let out = qemu_io(&d.uri, &["write -P 0x44 64k 1M", "read -P 0x44 64k 1M"]);
+
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains(&read_ok_line(MIB, 65536)), "{out}");
+}
+
+#[test]
+fn copied_replies_outvote_a_corrupt_replica_too() {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let d = Daemon::start(&disk, &["--sendfile", "never"]);
+    disk.poke_raw(0, 0, &[0x42; 65536]);
+
+    let out = qemu_io(&d.uri, &["read -P 0x5a 0 4M"]);
+
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains(&read_ok_line(4 * MIB, 0)), "{out}");
+}
+
+#[test]
 fn read_fails_with_eio_when_two_replicas_are_corrupted_differently() {
     let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
     let d = Daemon::start(&disk, &[]);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use quorum_engine::{Disk, OpenOptions};
+use quorum_engine::{Disk, FileRegion, OpenOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::create::create_missing;
@@ -70,6 +70,27 @@ pub struct Args {
     /// Meant for benchmarks that share images between daemons.
     #[arg(long)]
     pub no_locking: bool,
+    /// When a read whose voted bytes sit unchanged in a raw replica's page
+    /// cache is sent from there with sendfile, saving a copy: `auto` on TCP,
+    /// and on unix sockets whose send buffer can grow to 1 MiB (see
+    /// net.core.wmem_max; with less, copying is faster), `always`, or
+    /// `never`. The bytes sent are the voted ones either way; with sendfile
+    /// an overlapping write sent while the read's reply is still queued in
+    /// the socket may show in that reply, as NBD allows for requests in
+    /// flight together.
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = Sendfile::Auto)]
+    pub sendfile: Sendfile,
+}
+
+/// `--sendfile` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sendfile {
+    /// Where the socket's send buffer holds a 1 MiB reply.
+    Auto,
+    /// On every connection.
+    Always,
+    /// Copy every reply.
+    Never,
 }
 
 /// The engine as an NBD backend.
@@ -124,6 +145,11 @@ impl Backend for DiskBackend {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
         let len = buf.len();
         self.timed(len, || self.disk.read(offset, buf))
+            .map_err(|e| e.errno)
+    }
+    fn read_with_region(&self, offset: u64, buf: &mut [u8]) -> Result<Option<FileRegion>, i32> {
+        let len = buf.len();
+        self.timed(len, || self.disk.read_with_region(offset, buf))
             .map_err(|e| e.errno)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
@@ -208,7 +234,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             description: format!("quorum disk {} ({summary})", cfg.target.dev),
             backend: backend.clone(),
         };
-        server::serve(listener, vec![export], shutdown)
+        let config = server::ServerConfig {
+            zero_copy: match args.sendfile {
+                Sendfile::Auto => server::ZeroCopy::Auto,
+                Sendfile::Always => server::ZeroCopy::On,
+                Sendfile::Never => server::ZeroCopy::Off,
+            },
+            ..server::ServerConfig::default()
+        };
+        server::serve_with(listener, vec![export], shutdown, config)
             .await
             .context("NBD server failed")
     });

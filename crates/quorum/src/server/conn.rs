@@ -12,6 +12,7 @@ use nbd_proto::{
     check_request, put_block_status, put_error, put_offset_data_header, put_offset_hole,
     put_simple_reply,
 };
+use quorum_engine::FileRegion;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -20,7 +21,8 @@ use tracing::{debug, warn};
 
 use super::order::OrderGuard;
 use super::pool::BufferPool;
-use super::{ExportState, ServerConfig, nbd_error};
+use super::sendfile::{ReplySocket, send_region};
+use super::{ExportState, ServerConfig, ZeroCopy, nbd_error};
 
 pub(crate) struct ConnCtx {
     pub(crate) id: u64,
@@ -32,10 +34,33 @@ pub(crate) struct ConnCtx {
 
 /// A reply ready to send: header bytes plus optional data, sent with one
 /// vectored write. Holding the permit until written bounds memory.
+#[derive(Default)]
 struct Outgoing {
     header: Bytes,
     data: Bytes,
+    /// Where `data` also sits in a page cache: sent from there instead.
+    file: Option<FileRegion>,
+    /// Held while `data` is sent from `file`: overlapping writes wait.
+    order: Option<OrderGuard>,
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn new(header: Bytes, data: Bytes) -> Outgoing {
+        Outgoing {
+            header,
+            data,
+            ..Outgoing::default()
+        }
+    }
+
+    /// Keep the request's range ordered until sent if the data goes out
+    /// from a page cache; otherwise release it now.
+    fn hold_order(&mut self, guard: Option<OrderGuard>) {
+        if self.file.is_some() {
+            self.order = guard;
+        }
+    }
 }
 
 const READ_CHUNK: usize = 64 * 1024;
@@ -43,7 +68,7 @@ const READ_CHUNK: usize = 64 * 1024;
 pub(crate) async fn run<R, W>(ctx: ConnCtx, mut rd: R, mut wr: W)
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySocket,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let timeout = ctx.config.handshake_timeout;
@@ -114,7 +139,7 @@ enum End {
 async fn transmission<R, W>(ctx: ConnCtx, n: Negotiated, mut rd: R, wr: W, mut buf: BytesMut)
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySocket,
 {
     let export = &ctx.exports[n.export];
     let info = TransmissionInfo {
@@ -123,6 +148,13 @@ where
         structured: n.structured,
         base_allocation: n.base_allocation,
         max_payload: MAX_PAYLOAD,
+    };
+    // A bigger send buffer helps copied replies too, so it is always asked for.
+    let roomy = wr.roomy();
+    let zero_copy = match ctx.config.zero_copy {
+        ZeroCopy::Off => false,
+        ZeroCopy::Auto => roomy,
+        ZeroCopy::On => true,
     };
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(writer(ctx.id, wr, rx));
@@ -188,8 +220,8 @@ where
             if guard.as_ref().is_none_or(OrderGuard::is_ready)
                 && runs_inline(&req.header, &*backend)
             {
-                let mut reply = execute_now(req, &*backend, &info, &export.buffers);
-                drop(guard);
+                let mut reply = execute_now(req, &*backend, &info, &export.buffers, zero_copy);
+                reply.hold_order(guard);
                 reply._permit = Some(permit);
                 let _ = tx.send(reply);
                 continue;
@@ -202,9 +234,9 @@ where
                     g.wait().await;
                 }
                 let h = req.header;
-                let run = move || execute_now(req, &*backend, &info, &buffers);
+                let run = move || execute_now(req, &*backend, &info, &buffers, zero_copy);
                 let mut reply = blocking(&h, &info, run).await;
-                drop(guard);
+                reply.hold_order(guard);
                 reply._permit = Some(permit);
                 let _ = tx.send(reply);
             });
@@ -285,20 +317,12 @@ async fn read_payload<R: AsyncRead + Unpin>(
 }
 
 /// Send replies as they complete, batching whatever is queued into one
-/// vectored write. Closes the write side when the channel closes.
-async fn writer<W: AsyncWrite + Unpin>(
-    id: u64,
-    mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-) {
+/// vectored write; data with a page-cache region goes out with `sendfile`
+/// after the queued bytes. Closes the write side when the channel closes.
+async fn writer<W: ReplySocket>(id: u64, mut wr: W, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let mut batch: Vec<Outgoing> = Vec::new();
     while rx.recv_many(&mut batch, 64).await > 0 {
-        let mut parts = Parts::default();
-        for o in &batch {
-            parts.push(o.header.clone());
-            parts.push(o.data.clone());
-        }
-        if let Err(e) = wr.write_all_buf(&mut parts).await {
+        if let Err(e) = write_batch(&mut wr, &mut batch).await {
             debug!(conn = id, error = %e, "write failed");
             return;
         }
@@ -306,6 +330,21 @@ async fn writer<W: AsyncWrite + Unpin>(
     }
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
+}
+
+async fn write_batch<W: ReplySocket>(wr: &mut W, batch: &mut [Outgoing]) -> std::io::Result<()> {
+    let mut parts = Parts::default();
+    for o in batch {
+        parts.push(o.header.clone());
+        match &o.file {
+            None => parts.push(o.data.clone()),
+            Some(region) => {
+                wr.write_all_buf(&mut parts).await?;
+                send_region(wr, region, &o.data, o.order.take()).await?;
+            }
+        }
+    }
+    wr.write_all_buf(&mut parts).await
 }
 
 /// A list of byte buffers presented as one `Buf`, for vectored writes.
@@ -366,9 +405,8 @@ fn error_reply(
         put_simple_reply(&mut out, h.cookie, error);
     }
     Outgoing {
-        header: out.freeze(),
-        data: Bytes::new(),
         _permit: permit,
+        ..Outgoing::new(out.freeze(), Bytes::new())
     }
 }
 
@@ -388,11 +426,7 @@ fn error_message(error: u32) -> &'static str {
 fn ok_reply(h: &RequestHeader) -> Outgoing {
     let mut out = BytesMut::with_capacity(16);
     put_simple_reply(&mut out, h.cookie, 0);
-    Outgoing {
-        header: out.freeze(),
-        data: Bytes::new(),
-        _permit: None,
-    }
+    Outgoing::new(out.freeze(), Bytes::new())
 }
 
 /// Reads and plain writes up to this size run on the connection's reader
@@ -436,12 +470,13 @@ fn execute_now(
     backend: &dyn super::Backend,
     info: &TransmissionInfo,
     buffers: &Arc<BufferPool>,
+    zero_copy: bool,
 ) -> Outgoing {
     let h = req.header;
     let (off, len) = (h.offset, u64::from(h.length));
     let fua = h.has_flag(cmd_flags::FUA);
     let result = match h.command {
-        Command::Read => return read(&h, backend, info, buffers),
+        Command::Read => return read(&h, backend, info, buffers, zero_copy),
         Command::BlockStatus => return block_status(&h, backend, info),
         Command::Write if len == 0 => Ok(()),
         Command::Write => backend.write(off, &req.payload, fua),
@@ -468,52 +503,45 @@ fn execute_now(
     }
 }
 
+/// With `zero_copy`, data the backend also finds in a page cache is sent
+/// from there.
 fn read(
     h: &RequestHeader,
     backend: &dyn super::Backend,
     info: &TransmissionInfo,
     buffers: &Arc<BufferPool>,
+    zero_copy: bool,
 ) -> Outgoing {
     let len = h.length as usize;
-    let data = if len == 0 {
-        Bytes::new()
+    let (data, file) = if len == 0 {
+        (Bytes::new(), None)
     } else {
         let mut buf = buffers.get(len);
-        if let Err(e) = backend.read(h.offset, buf.as_mut_slice()) {
-            return error_reply(h, info, nbd_error(e), None);
+        match backend.read_with_region(h.offset, buf.as_mut_slice()) {
+            Ok(file) => (Bytes::from_owner(buf), file.filter(|_| zero_copy)),
+            Err(e) => return error_reply(h, info, nbd_error(e), None),
         }
-        Bytes::from_owner(buf)
     };
     let mut header = BytesMut::with_capacity(32);
     if !info.structured {
         put_simple_reply(&mut header, h.cookie, 0);
         return Outgoing {
-            header: header.freeze(),
-            data,
-            _permit: None,
+            file,
+            ..Outgoing::new(header.freeze(), data)
         };
     }
     if len == 0 {
         nbd_proto::put_none(&mut header, h.cookie);
-        return Outgoing {
-            header: header.freeze(),
-            data: Bytes::new(),
-            _permit: None,
-        };
+        return Outgoing::new(header.freeze(), Bytes::new());
     }
     if is_zero(&data) {
         put_offset_hole(&mut header, h.cookie, true, h.offset, h.length);
-        return Outgoing {
-            header: header.freeze(),
-            data: Bytes::new(),
-            _permit: None,
-        };
+        return Outgoing::new(header.freeze(), Bytes::new());
     }
     put_offset_data_header(&mut header, h.cookie, true, h.offset, h.length);
     Outgoing {
-        header: header.freeze(),
-        data,
-        _permit: None,
+        file,
+        ..Outgoing::new(header.freeze(), data)
     }
 }
 
@@ -534,11 +562,7 @@ fn block_status(
             let extents = build_extents(h.length, h.has_flag(cmd_flags::REQ_ONE), iter);
             let mut out = BytesMut::with_capacity(24 + 8 * extents.len());
             put_block_status(&mut out, h.cookie, true, ctx_id, &extents);
-            Outgoing {
-                header: out.freeze(),
-                data: Bytes::new(),
-                _permit: None,
-            }
+            Outgoing::new(out.freeze(), Bytes::new())
         }
         Err(e) => error_reply(h, info, nbd_error(e), None),
     }

@@ -7,6 +7,7 @@
 //!         reader loop ── RequestDecoder ─▶ check_request ─▶ RangeOrder ─▶ task per request
 //!                                                                        └ spawn_blocking(Backend)
 //!         writer task ◀── mpsc (header + data parts, vectored write) ◀──┘ replies, any order
+//!                      └─ read data found in a replica's page cache: sendfile
 //! ```
 //! In-flight requests per connection are bounded (semaphore) for
 //! back-pressure. Protocol errors (bad magic, truncated frames) close only
@@ -17,6 +18,7 @@
 mod conn;
 mod order;
 mod pool;
+mod sendfile;
 
 #[cfg(test)]
 mod tests;
@@ -27,6 +29,7 @@ use std::time::Duration;
 
 use nbd_proto::ExportInfo;
 use nbd_proto::consts::{errno as nbd, transmission_flags as tf};
+use quorum_engine::FileRegion;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +56,13 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Fill all of `buf` from `offset`; no short reads.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32>;
+    /// Like `read`, and also where these exact bytes sit in a host file's
+    /// page cache, so the reply may be sent from there with `sendfile`.
+    /// The driver keeps overlapping writes waiting until it has sent them.
+    /// Default: `read`, no region.
+    fn read_with_region(&self, offset: u64, buf: &mut [u8]) -> Result<Option<FileRegion>, i32> {
+        self.read(offset, buf).map(|()| None)
+    }
     /// Write all of `data` at `offset`; with `fua`, durable on return.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32>;
     /// Make the range read as zeroes; `may_unmap` allows punching a hole.
@@ -116,6 +126,23 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How long a client may take to finish the handshake.
     pub handshake_timeout: Duration,
+    /// When read replies go out with `sendfile` from a replica's page cache.
+    pub zero_copy: ZeroCopy,
+}
+
+/// When to send read replies straight from a page cache
+/// ([`Backend::read_with_region`]) instead of copying them into the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Never: every reply is copied from the request's buffer.
+    Off,
+    /// On sockets whose send buffer holds a whole large reply (TCP, which
+    /// tunes its own; unix sockets once enlarged, as `net.core.wmem_max`
+    /// allows). With a small buffer `sendfile` waits on the client for
+    /// every few pages and is slower than copying.
+    Auto,
+    /// On every socket.
+    On,
 }
 
 impl Default for ServerConfig {
@@ -124,6 +151,7 @@ impl Default for ServerConfig {
             max_in_flight: 64,
             shutdown_grace: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(30),
+            zero_copy: ZeroCopy::Auto,
         }
     }
 }
@@ -161,16 +189,6 @@ pub fn nbd_error(errno: i32) -> u32 {
         libc::ESHUTDOWN => nbd::ESHUTDOWN,
         _ => nbd::EIO,
     }
-}
-
-/// Serve `exports` on `listener` until `shutdown` is cancelled, with the
-/// default [`ServerConfig`].
-pub async fn serve(
-    listener: Listener,
-    exports: Vec<Export>,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
-    serve_with(listener, exports, shutdown, ServerConfig::default()).await
 }
 
 /// Serve `exports` on `listener` until `shutdown` is cancelled. Then stop

@@ -9,7 +9,9 @@ use nbd_proto::consts::{cmd_flags, errno, transmission_flags as tf};
 use nbd_proto::{BlockExtent, Chunk, ClientConfig, Command, Reply};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, Export, Listener, ServerConfig, serve_with};
+use quorum_engine::FileRegion;
+
+use super::{Backend, Export, Listener, ServerConfig, ZeroCopy, serve_with};
 
 #[path = "../../tests/common/nbd_raw.rs"]
 mod nbd_raw;
@@ -34,6 +36,8 @@ struct MemBackend {
     flushes: Mutex<u32>,
     fua_writes: Mutex<u32>,
     gate: Option<Gate>,
+    /// Offered as every read's page-cache region, at the read's offset.
+    region: Option<Arc<std::fs::File>>,
 }
 
 impl MemBackend {
@@ -68,6 +72,10 @@ impl Backend for MemBackend {
         let o = offset as usize;
         buf.copy_from_slice(&self.data.lock().unwrap()[o..o + buf.len()]);
         Ok(())
+    }
+    fn read_with_region(&self, offset: u64, buf: &mut [u8]) -> Result<Option<FileRegion>, i32> {
+        self.read(offset, buf)?;
+        Ok(self.region.clone().map(|file| FileRegion { file, offset }))
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
         self.pass_gate(offset);
@@ -119,6 +127,10 @@ impl TestServer {
     }
 
     fn start_with(rw: MemBackend) -> Self {
+        Self::start_config(rw, ServerConfig::default())
+    }
+
+    fn start_config(rw: MemBackend, config: ServerConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nbd.sock");
         let token = CancellationToken::new();
@@ -144,7 +156,7 @@ impl TestServer {
                 .unwrap();
             rt.block_on(async move {
                 let l = tokio::net::UnixListener::bind(&p)?;
-                serve_with(Listener::Unix(l), exports, t, ServerConfig::default()).await
+                serve_with(Listener::Unix(l), exports, t, config).await
             })
         });
         wait_for_socket(&path);
@@ -484,4 +496,103 @@ fn disconnect_mid_write_leaves_server_serving() {
 fn pipelined_requests_all_complete() {
     let s = TestServer::start();
     checks::pipelined_requests_all_complete(s.path(), "rw");
+}
+
+/// A server whose disk holds 0x11 everywhere and offers `file` as the
+/// page-cache region of every read.
+fn with_region(file: std::fs::File, zero_copy: ZeroCopy) -> TestServer {
+    let b = MemBackend {
+        data: Mutex::new(vec![0x11; SIZE as usize]),
+        region: Some(Arc::new(file)),
+        ..MemBackend::new(false)
+    };
+    let config = ServerConfig {
+        zero_copy,
+        ..ServerConfig::default()
+    };
+    TestServer::start_config(b, config)
+}
+
+/// A temp file of `len` bytes of 0x22, opened read-only.
+fn file_of_0x22(len: usize) -> (tempfile::TempDir, std::fs::File) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("region");
+    std::fs::write(&path, vec![0x22; len]).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    (dir, f)
+}
+
+#[test]
+fn read_reply_is_sent_from_the_region() {
+    let (_d, f) = file_of_0x22(SIZE as usize);
+    let s = with_region(f, ZeroCopy::On);
+    let mut c = RawClient::connect(s.path(), "rw");
+
+    assert_eq!(c.read(8192, 65536).unwrap(), vec![0x22; 65536]);
+}
+
+#[test]
+fn simple_read_reply_is_sent_from_the_region() {
+    let (_d, f) = file_of_0x22(SIZE as usize);
+    let s = with_region(f, ZeroCopy::On);
+    let cfg = ClientConfig {
+        export: "rw".into(),
+        structured: false,
+        base_allocation: false,
+    };
+    let mut c = RawClient::connect_with(s.path(), cfg);
+
+    let r = c.call(Command::Read, 0, 4096, 1000, &[]);
+
+    assert!(matches!(&r[..], [Reply::Simple { error: 0, data, .. }] if data[..] == [0x22; 1000]));
+}
+
+#[test]
+fn zero_copy_off_sends_the_read_buffer() {
+    let (_d, f) = file_of_0x22(SIZE as usize);
+    let s = with_region(f, ZeroCopy::Off);
+    let mut c = RawClient::connect(s.path(), "rw");
+
+    assert_eq!(c.read(8192, 65536).unwrap(), vec![0x11; 65536]);
+}
+
+#[test]
+fn region_shorter_than_the_read_is_finished_from_the_buffer() {
+    let (_d, f) = file_of_0x22(16384);
+    let s = with_region(f, ZeroCopy::On);
+    let mut c = RawClient::connect(s.path(), "rw");
+
+    let got = c.read(0, 65536).unwrap();
+
+    assert_eq!(
+        (&got[..16384], &got[16384..]),
+        (&[0x22; 16384][..], &[0x11; 49152][..])
+    );
+}
+
+#[test]
+fn unreadable_region_falls_back_to_the_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("write-only");
+    std::fs::write(&path, vec![0x22; SIZE as usize]).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let s = with_region(f, ZeroCopy::On);
+    let mut c = RawClient::connect(s.path(), "rw");
+
+    assert_eq!(c.read(0, 65536).unwrap(), vec![0x11; 65536]);
+}
+
+#[test]
+fn large_zero_copy_reads_pipeline_and_all_arrive_whole() {
+    let (_d, f) = file_of_0x22(SIZE as usize);
+    let s = with_region(f, ZeroCopy::On);
+    let mut c = RawClient::connect(s.path(), "rw");
+    for i in 0..8u64 {
+        c.send(Command::Read, 0, i * 131072, 131072, &[]);
+    }
+
+    let replies: Vec<Vec<Reply>> = (0..8).map(|_| c.full_reply()).collect();
+
+    let whole = |r: &Vec<Reply>| matches!(&r[..], [Reply::Chunk { chunk: Chunk::OffsetData { data, .. }, .. }] if data[..] == [0x22; 131072][..]);
+    assert!(replies.iter().all(whole), "{replies:?}");
 }
