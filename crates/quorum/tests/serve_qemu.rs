@@ -116,13 +116,18 @@ fn corrupted_replica_is_left_alone_without_rewrite_corrupted() {
     assert_eq!(disk.peek_raw(2, 8192, 4096), vec![0x42; 4096]);
 }
 
-#[test]
-fn rewrite_corrupted_repairs_the_replica_file_on_disk() {
+/// Three raw replicas of 0x5a with rewrite_corrupted on.
+fn rewriting_disk() -> Disk {
     let opts = Options {
         rewrite_corrupted: true,
         ..Options::default()
     };
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    Disk::raw_filled(3, 4 * MIB, 0x5a, &opts)
+}
+
+#[test]
+fn rewrite_corrupted_repairs_the_replica_file_on_disk() {
+    let disk = rewriting_disk();
     let d = Daemon::start(&disk, &[]);
     disk.poke_raw(2, 8192, &[0x42; 4096]);
 
@@ -327,11 +332,7 @@ fn overlapping_pipelined_writes_leave_every_replica_identical() {
 
 #[test]
 fn sub_sector_corruption_is_outvoted_and_rewritten_in_place() {
-    let opts = Options {
-        rewrite_corrupted: true,
-        ..Options::default()
-    };
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    let disk = rewriting_disk();
     let d = Daemon::start(&disk, &[]);
     disk.poke_raw(1, 1024, &[0x11; 16]);
 
@@ -344,11 +345,7 @@ fn sub_sector_corruption_is_outvoted_and_rewritten_in_place() {
 
 #[test]
 fn rewrite_corrupted_repairs_only_within_the_request() {
-    let opts = Options {
-        rewrite_corrupted: true,
-        ..Options::default()
-    };
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    let disk = rewriting_disk();
     let d = Daemon::start(&disk, &[]);
     disk.poke_raw(0, 0, &[0x11; 8192]);
 
@@ -364,11 +361,7 @@ fn rewrite_corrupted_repairs_only_within_the_request() {
 
 #[test]
 fn rewrite_corrupted_rewrites_nothing_without_quorum() {
-    let opts = Options {
-        rewrite_corrupted: true,
-        ..Options::default()
-    };
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
+    let disk = rewriting_disk();
     let d = Daemon::start(&disk, &[]);
     disk.poke_raw(0, 0, &[0x11; 4096]);
     disk.poke_raw(1, 0, &[0x22; 4096]);
