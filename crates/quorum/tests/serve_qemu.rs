@@ -4,7 +4,10 @@
 
 mod support;
 
-use support::{Daemon, Disk, Format, Options, qemu_io, qemu_io_read_only, result_lines, tool};
+use support::{
+    Daemon, Disk, Format, Options, qemu_io, qemu_io_read_only, qemu_io_writeback, result_lines,
+    tool,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -328,6 +331,41 @@ fn overlapping_pipelined_writes_leave_every_replica_identical() {
         r0 == disk.peek_raw(1, 0, 131072) && r0 == disk.peek_raw(2, 0, 131072),
         "replicas diverged after overlapping writes"
     );
+}
+
+/// On one CPU, large writes reach the replicas in pieces as their payload
+/// arrives; pipelined, overlapping and unaligned, they must still land
+/// whole and in order on every replica.
+#[test]
+fn streamed_large_writes_land_whole_and_in_order_on_every_replica() {
+    let disk = Disk::new(&[Format::Raw; 3], 8 * MIB, &Options::default());
+    let d = Daemon::start_on_one_cpu(&disk, &[]);
+    let writes: [(u8, u64, u64); 3] = [
+        (0x61, 0, 4 * MIB),
+        (0x62, 4608, MIB),
+        (0x63, 5 * MIB + 512, 2 * MIB),
+    ];
+    let mut cmds: Vec<String> = writes
+        .iter()
+        .map(|(p, off, len)| format!("aio_write -P {p} {off} {len}"))
+        .collect();
+    cmds.push("aio_flush".to_owned());
+    let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+
+    let out = qemu_io_writeback(&d.uri, &cmd_refs);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+
+    let mut want = vec![0u8; (8 * MIB) as usize];
+    for (p, off, len) in writes {
+        want[off as usize..(off + len) as usize].fill(p);
+    }
+    for i in 0..3 {
+        assert!(
+            disk.peek_raw(i, 0, want.len()) == want,
+            "replica {i} differs"
+        );
+    }
 }
 
 #[test]

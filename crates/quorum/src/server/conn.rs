@@ -165,21 +165,13 @@ where
     let end = 'outer: loop {
         while tasks.try_join_next().is_some() {}
         loop {
-            let incoming = if let Some(h) = large_write(&decoder, &buf) {
-                let read = read_payload(h, &mut buf, &mut rd, &export.buffers);
-                tokio::select! {
-                    _ = ctx.shutdown.cancelled() => break 'outer End::Clean,
-                    r = read => match r {
-                        Ok(req) => Incoming::Request(req),
-                        Err(e) => {
-                            debug!(conn = ctx.id, error = %e, "client left mid-write");
-                            break 'outer End::Hard;
-                        }
-                    },
-                }
+            // A large write's payload is still (partly) in the socket.
+            let large = large_write(&decoder, &buf);
+            let incoming = if large.is_some() {
+                None
             } else {
                 match decoder.decode(&mut buf) {
-                    Ok(Some(i)) => i,
+                    Ok(Some(i)) => Some(i),
                     Ok(None) => break,
                     Err(e) => {
                         warn!(conn = ctx.id, error = %e, "protocol error; disconnecting client");
@@ -191,13 +183,58 @@ where
                 _ = ctx.shutdown.cancelled() => break 'outer End::Clean,
                 p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
             };
-            let req = match incoming {
-                Incoming::Oversized(h) => {
+            // Set when a large write registered its range before its payload.
+            let mut early_guard = None;
+            let req = match (large, incoming) {
+                (Some(h), _) => {
+                    buf.advance(REQUEST_HEADER_LEN);
+                    let backend = &*export.backend;
+                    if check_request(&h, &info).is_ok() && runs_inline(&h, backend) {
+                        let guard = export.order.register(h.offset, h.length.into(), true);
+                        if guard.is_ready() {
+                            let piece = ctx.config.write_piece;
+                            let stream =
+                                stream_write(h, &mut buf, &mut rd, backend, &export.buffers, piece);
+                            let result = tokio::select! {
+                                _ = ctx.shutdown.cancelled() => break 'outer End::Clean,
+                                r = stream => r,
+                            };
+                            let reply = match result {
+                                Ok(Ok(())) => ok_reply(&h),
+                                Ok(Err(e)) => error_reply(&h, &info, nbd_error(e), None),
+                                Err(e) => {
+                                    debug!(conn = ctx.id, error = %e, "client left mid-write");
+                                    break 'outer End::Hard;
+                                }
+                            };
+                            drop(guard);
+                            let _ = tx.send(Outgoing {
+                                _permit: Some(permit),
+                                ..reply
+                            });
+                            continue;
+                        }
+                        early_guard = Some(guard);
+                    }
+                    let read = read_payload(h, &mut buf, &mut rd, &export.buffers);
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => break 'outer End::Clean,
+                        r = read => match r {
+                            Ok(req) => req,
+                            Err(e) => {
+                                debug!(conn = ctx.id, error = %e, "client left mid-write");
+                                break 'outer End::Hard;
+                            }
+                        },
+                    }
+                }
+                (None, Some(Incoming::Oversized(h))) => {
                     debug!(conn = ctx.id, length = h.length, "oversized write rejected");
                     let _ = tx.send(error_reply(&h, &info, nbd::EINVAL, Some(permit)));
                     continue;
                 }
-                Incoming::Request(r) => r,
+                (None, Some(Incoming::Request(r))) => r,
+                (None, None) => unreachable!("decode returned a request or broke out"),
             };
             if req.header.command == Command::Disc {
                 break 'outer End::Clean;
@@ -208,14 +245,14 @@ where
                 continue;
             }
             let h = &req.header;
-            let guard = match h.command {
+            let guard = early_guard.or_else(|| match h.command {
                 Command::Read | Command::Write | Command::Trim | Command::WriteZeroes => Some(
                     export
                         .order
                         .register(h.offset, h.length.into(), h.command.is_write()),
                 ),
                 _ => None,
-            };
+            });
             let backend = export.backend.clone();
             if guard.as_ref().is_none_or(OrderGuard::is_ready)
                 && runs_inline(&req.header, &*backend)
@@ -294,15 +331,14 @@ fn large_write(decoder: &RequestDecoder, buf: &BytesMut) -> Option<RequestHeader
     (h.command == Command::Write && fits).then_some(h)
 }
 
-/// Consume `h`'s header from `buf` and read its payload into an aligned
-/// buffer: first what `buf` already holds, then the rest from the socket.
+/// Read `h`'s payload into an aligned buffer: first what `buf` already
+/// holds (its header is consumed), then the rest from the socket.
 async fn read_payload<R: AsyncRead + Unpin>(
     h: RequestHeader,
     buf: &mut BytesMut,
     rd: &mut R,
     buffers: &Arc<BufferPool>,
 ) -> std::io::Result<Request> {
-    buf.advance(REQUEST_HEADER_LEN);
     let len = h.length as usize;
     let mut payload = buffers.get(len);
     let dst = payload.as_mut_slice();
@@ -314,6 +350,54 @@ async fn read_payload<R: AsyncRead + Unpin>(
         header: h,
         payload: Bytes::from_owner(payload),
     })
+}
+
+/// Receive `h`'s payload and write it out while it arrives, in page-aligned
+/// pieces of at least `piece` bytes, so that the replicas' copies overlap
+/// the client refilling its socket buffer (a unix socket holds only the
+/// sender's ~208 KiB, so reading 1 MiB whole means several waits for the
+/// client). The outer error is the socket's; after a failed piece the rest
+/// is read and dropped and the write fails as a whole, like any write that
+/// failed part-way. A client that leaves mid-payload may leave part of an
+/// unacknowledged write on the replicas, as a crash mid-write would.
+async fn stream_write<R: AsyncRead + Unpin>(
+    h: RequestHeader,
+    buf: &mut BytesMut,
+    rd: &mut R,
+    backend: &dyn super::Backend,
+    buffers: &Arc<BufferPool>,
+    piece: usize,
+) -> std::io::Result<Result<(), i32>> {
+    const PAGE: u64 = 4096;
+    let len = h.length as usize;
+    let mut payload = buffers.get(len);
+    let dst = payload.as_mut_slice();
+    let mut have = buf.len().min(len);
+    dst[..have].copy_from_slice(&buf[..have]);
+    buf.advance(have);
+    let (mut done, mut result) = (0, Ok(()));
+    while done < len {
+        let end = if have == len {
+            len
+        } else {
+            // Offsets fit: `h` passed `check_request`.
+            let abs_end = (h.offset + have as u64) / PAGE * PAGE;
+            abs_end.saturating_sub(h.offset) as usize
+        };
+        if end > done && (end == len || end - done >= piece) {
+            if result.is_ok() {
+                result = backend.write(h.offset + done as u64, &dst[done..end], false);
+            }
+            done = end;
+            continue;
+        }
+        let n = rd.read(&mut dst[have..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        have += n;
+    }
+    Ok(result)
 }
 
 /// Send replies as they complete, batching whatever is queued into one

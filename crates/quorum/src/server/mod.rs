@@ -128,6 +128,11 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// When read replies go out with `sendfile` from a replica's page cache.
     pub zero_copy: ZeroCopy,
+    /// A large write that runs on the connection's task (see
+    /// [`Backend::fast_small_requests`]) is handed to the backend in pieces
+    /// of at least this many bytes as its payload arrives, so the replicas'
+    /// copies overlap the client sending the rest.
+    pub write_piece: usize,
 }
 
 /// When to send read replies straight from a page cache
@@ -152,6 +157,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(30),
             zero_copy: ZeroCopy::Auto,
+            write_piece: 128 * 1024,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! `nbd-proto`'s client and by hand-written frames, plus real NBD clients.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +39,12 @@ struct MemBackend {
     gate: Option<Gate>,
     /// Offered as every read's page-cache region, at the read's offset.
     region: Option<Arc<std::fs::File>>,
+    /// Claims page-cache speed, so the driver runs small requests inline.
+    fast: AtomicBool,
+    /// Told `(offset, len)` of every write as it reaches the backend.
+    writes_seen: Option<Mutex<std_mpsc::Sender<(u64, usize)>>>,
+    /// Writes covering this byte fail with EIO (and write nothing).
+    fail_writes_over: Option<u64>,
 }
 
 impl MemBackend {
@@ -79,6 +86,15 @@ impl Backend for MemBackend {
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
         self.pass_gate(offset);
+        if let Some(tx) = &self.writes_seen {
+            let _ = tx.lock().unwrap().send((offset, data.len()));
+        }
+        if self
+            .fail_writes_over
+            .is_some_and(|b| (offset..offset + data.len() as u64).contains(&b))
+        {
+            return Err(libc::EIO);
+        }
         let o = offset as usize;
         self.data.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
         *self.fua_writes.lock().unwrap() += u32::from(fua);
@@ -95,6 +111,9 @@ impl Backend for MemBackend {
     fn flush(&self) -> Result<(), i32> {
         *self.flushes.lock().unwrap() += 1;
         Ok(())
+    }
+    fn fast_small_requests(&self) -> bool {
+        self.fast.load(Ordering::Relaxed)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool, bool)>, i32> {
         let d = self.data.lock().unwrap();
@@ -595,4 +614,142 @@ fn large_zero_copy_reads_pipeline_and_all_arrive_whole() {
 
     let whole = |r: &Vec<Reply>| matches!(&r[..], [Reply::Chunk { chunk: Chunk::OffsetData { data, .. }, .. }] if data[..] == [0x22; 131072][..]);
     assert!(replies.iter().all(whole), "{replies:?}");
+}
+
+/// A fast backend reporting each write, on a server that streams inline
+/// writes in 16 KiB pieces.
+fn streaming(fail_writes_over: Option<u64>) -> (TestServer, std_mpsc::Receiver<(u64, usize)>) {
+    let (tx, rx) = std_mpsc::channel();
+    let b = MemBackend {
+        fast: AtomicBool::new(true),
+        writes_seen: Some(Mutex::new(tx)),
+        fail_writes_over,
+        ..MemBackend::new(false)
+    };
+    let config = ServerConfig {
+        write_piece: 16 * 1024,
+        ..ServerConfig::default()
+    };
+    (TestServer::start_config(b, config), rx)
+}
+
+fn seen(rx: &std_mpsc::Receiver<(u64, usize)>) -> (u64, usize) {
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the backend saw a write")
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i / 4096) as u8 ^ 0x5a).collect()
+}
+
+#[test]
+fn inline_large_write_reaches_the_backend_while_its_payload_arrives() {
+    let (s, writes) = streaming(None);
+    let mut c = RawClient::connect(s.path(), "rw");
+    let data = pattern(128 * 1024);
+
+    c.send(
+        Command::Write,
+        0,
+        8192,
+        128 * 1024,
+        &data[..40 * 1024 + 100],
+    );
+    let (at, first) = seen(&writes);
+    c.send_raw(&data[40 * 1024 + 100..]);
+    let reply = c.full_reply();
+
+    assert_eq!(at, 8192);
+    assert!(
+        first <= 40 * 1024,
+        "written before the rest was sent: {first}"
+    );
+    assert!(
+        first >= 16 * 1024 && first % 4096 == 0,
+        "a page-aligned piece: {first}"
+    );
+    assert_eq!(error_of(&reply), 0);
+    assert_eq!(c.read(8192, 128 * 1024), Ok(data));
+}
+
+#[test]
+fn failed_piece_fails_the_whole_write_and_the_connection_goes_on() {
+    let (s, writes) = streaming(Some(64 * 1024));
+    let mut c = RawClient::connect(s.path(), "rw");
+    let data = pattern(128 * 1024);
+
+    c.send(Command::Write, 0, 0, 128 * 1024, &data[..64 * 1024]);
+    let (at, first) = seen(&writes);
+    c.send_raw(&data[64 * 1024..]);
+    let reply = c.full_reply();
+
+    assert_eq!(at, 0);
+    assert_eq!(error_of(&reply), errno::EIO);
+    assert_eq!(
+        c.read(0, first as u32),
+        Ok(data[..first].to_vec()),
+        "earlier pieces stay written"
+    );
+    assert_eq!(
+        c.read(64 * 1024, 4096),
+        Ok(vec![0; 4096]),
+        "the failed piece is not"
+    );
+    assert_eq!(c.write(0, &[3; 4096], 0), Ok(()));
+}
+
+#[test]
+fn client_leaving_mid_streamed_write_leaves_its_range_free() {
+    let (s, writes) = streaming(None);
+    let mut c = RawClient::connect(s.path(), "rw");
+    c.send(Command::Write, 0, 0, 128 * 1024, &pattern(64 * 1024));
+    assert_eq!(seen(&writes).0, 0);
+    drop(c);
+    let mut other = RawClient::connect(s.path(), "rw");
+
+    assert_eq!(other.write(0, &[9; 128 * 1024], 0), Ok(()));
+    assert_eq!(other.read(0, 128 * 1024), Ok(vec![9; 128 * 1024]));
+}
+
+#[test]
+fn large_write_behind_a_running_overlapping_read_is_not_streamed() {
+    let (b, entered, release) = gated();
+    let (tx, writes) = std_mpsc::channel();
+    // Slow at first, so the gated read runs on the blocking pool and does
+    // not hold up the runtime; fast once the write arrives.
+    let b = MemBackend {
+        writes_seen: Some(Mutex::new(tx)),
+        data: Mutex::new(vec![0x11; SIZE as usize]),
+        ..b
+    };
+    let config = ServerConfig {
+        write_piece: 16 * 1024,
+        ..ServerConfig::default()
+    };
+    let s = TestServer::start_config(b, config);
+    let mut reader = RawClient::connect(s.path(), "rw");
+    let mut writer = RawClient::connect(s.path(), "rw");
+    reader.send(Command::Read, 0, GATED, 128 * 1024, &[]);
+    entered.recv().unwrap();
+    s.rw.fast.store(true, Ordering::Relaxed);
+
+    let write = writer.send(Command::Write, 0, GATED + 4096, 64 * 1024, &[6; 64 * 1024]);
+    // Requests register in arrival order: once the flush is answered, the
+    // write is registered behind the read.
+    assert_eq!(error_of(&writer.call(Command::Flush, 0, 0, 0, &[])), 0);
+    release.send(()).unwrap();
+    let read = reader.full_reply();
+
+    assert!(
+        matches!(&read[0], Reply::Chunk { chunk: Chunk::OffsetData { data, .. }, .. } if data.iter().all(|&b| b == 0x11)),
+        "the read saw only the old data"
+    );
+    assert_eq!(
+        seen(&writes),
+        (GATED + 4096, 64 * 1024),
+        "written whole, after the read"
+    );
+    let reply = writer.full_reply();
+    assert_eq!((reply[0].cookie(), error_of(&reply)), (write, 0));
+    assert_eq!(writer.read(GATED + 4096, 4096), Ok(vec![6; 4096]));
 }

@@ -450,6 +450,12 @@ pub fn qemu_io_read_only(target: &str, commands: &[&str]) -> Output {
     qemu_io_flags(target, &["-r"], commands)
 }
 
+/// As [`qemu_io`] with a writeback cache: writes carry no FUA flag, so
+/// they take the daemon's fast paths (qemu-io defaults to writethrough).
+pub fn qemu_io_writeback(target: &str, commands: &[&str]) -> Output {
+    qemu_io_flags(target, &["-t", "writeback"], commands)
+}
+
 fn qemu_io_flags(target: &str, flags: &[&str], commands: &[&str]) -> Output {
     let mut args: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
     if !target.starts_with("json:") {
@@ -491,8 +497,18 @@ impl Daemon {
         Daemon::start_at(&disk.xml, disk.dir.path(), extra)
     }
 
+    /// As [`Daemon::start`], with the daemon confined to CPU 0: it then
+    /// takes its single-CPU paths (inline large requests, streamed writes).
+    pub fn start_on_one_cpu(disk: &Disk, extra: &[&str]) -> Daemon {
+        Daemon::spawn(&disk.xml, disk.dir.path(), extra, true)
+    }
+
     /// As [`Daemon::start`], for any XML; socket and logs go in `dir`.
     pub fn start_at(xml: &Path, dir: &Path, extra: &[&str]) -> Daemon {
+        Daemon::spawn(xml, dir, extra, false)
+    }
+
+    fn spawn(xml: &Path, dir: &Path, extra: &[&str], one_cpu: bool) -> Daemon {
         let socket = dir.join("nbd.sock");
         let pid_file = dir.join("quorum.pid");
         let log = dir.join("serve.log");
@@ -508,6 +524,20 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out_path).expect("serve.out"))
             .stderr(std::fs::File::create(&log).expect("serve.log"));
+        if one_cpu {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(0, &mut set);
+                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().expect("start quorum serve");
         let export = extra
             .windows(2)
