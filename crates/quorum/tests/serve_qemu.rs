@@ -5,8 +5,8 @@
 mod support;
 
 use support::{
-    Daemon, Disk, Format, Options, qemu_io, qemu_io_read_only, qemu_io_writeback, result_lines,
-    tool,
+    Daemon, Disk, Format, Options, Output, qemu_io, qemu_io_read_only, qemu_io_writeback,
+    result_lines, tool,
 };
 
 const MIB: u64 = 1 << 20;
@@ -44,13 +44,34 @@ fn write_through_export_reaches_every_replica_file() {
     }
 }
 
+/// Serve `disk` with `flags`, overwrite replica files underneath the
+/// running daemon (`(replica, offset, bytes)`), run one qemu-io command
+/// through the export, then stop the daemon, which must exit 0.
+fn run_under_corruption(
+    disk: &Disk,
+    flags: &[&str],
+    pokes: &[(usize, u64, &[u8])],
+    cmd: &str,
+) -> Output {
+    let d = Daemon::start(disk, flags);
+    for &(i, off, bytes) in pokes {
+        disk.poke_raw(i, off, bytes);
+    }
+    let out = qemu_io(&d.uri, &[cmd]);
+    assert_eq!(d.stop(), Some(0), "daemon exit after {cmd}");
+    out
+}
+
+/// Three raw replicas of 0x5a.
+fn disk_of_0x5a() -> Disk {
+    Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default())
+}
+
 #[test]
 fn read_succeeds_when_one_replica_file_is_corrupted_underneath() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    let d = Daemon::start(&disk, &[]);
-    disk.poke_raw(1, 0, &[0x42; 65536]);
+    let disk = disk_of_0x5a();
 
-    let out = qemu_io(&d.uri, &["read -P 0x5a 0 4M"]);
+    let out = run_under_corruption(&disk, &[], &[(1, 0, &[0x42; 65536])], "read -P 0x5a 0 4M");
 
     assert!(out.ok(), "{out}");
     assert!(out.stdout.contains(&read_ok_line(4 * MIB, 0)), "{out}");
@@ -59,11 +80,10 @@ fn read_succeeds_when_one_replica_file_is_corrupted_underneath() {
 /// Corrupt replica 0, the first a zero-copy reply could come from, under a
 /// daemon started with `--sendfile WHEN`, and read the whole disk back.
 fn assert_first_replica_outvoted(when: &str) {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    let d = Daemon::start(&disk, &["--sendfile", when]);
-    disk.poke_raw(0, 0, &[0x42; 65536]);
+    let disk = disk_of_0x5a();
+    let pokes: &[(usize, u64, &[u8])] = &[(0, 0, &[0x42; 65536])];
 
-    let out = qemu_io(&d.uri, &["read -P 0x5a 0 4M"]);
+    let out = run_under_corruption(&disk, &["--sendfile", when], pokes, "read -P 0x5a 0 4M");
 
     assert!(out.ok(), "{out}");
     assert!(out.stdout.contains(&read_ok_line(4 * MIB, 0)), "{out}");
@@ -92,12 +112,10 @@ fn copied_replies_outvote_a_corrupt_replica_too() {
 
 #[test]
 fn read_fails_with_eio_when_two_replicas_are_corrupted_differently() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    let d = Daemon::start(&disk, &[]);
-    disk.fill(0, 0x41, 0, 64 * 1024);
-    disk.fill(1, 0x42, 0, 64 * 1024);
+    let disk = disk_of_0x5a();
+    let pokes: &[(usize, u64, &[u8])] = &[(0, 0, &[0x41; 65536]), (1, 0, &[0x42; 65536])];
 
-    let out = qemu_io(&d.uri, &["read -P 0x5a 0 64k"]);
+    let out = run_under_corruption(&disk, &[], pokes, "read -P 0x5a 0 64k");
 
     assert_eq!(out.code, Some(1), "{out}");
     assert!(
@@ -106,17 +124,21 @@ fn read_fails_with_eio_when_two_replicas_are_corrupted_differently() {
     );
 }
 
+/// Corrupt 4 KiB of replica 2 at 8 KiB under the daemon, read the first
+/// 64 KiB through the export (the vote must hide it), and return what
+/// replica 2 then holds there.
+fn replica_2_after_outvoted_read(disk: &Disk) -> Vec<u8> {
+    let pokes: &[(usize, u64, &[u8])] = &[(2, 8192, &[0x42; 4096])];
+    let out = run_under_corruption(disk, &[], pokes, "read -P 0x5a 0 64k");
+    assert!(out.ok(), "{out}");
+    disk.peek_raw(2, 0, 65536)
+}
+
 #[test]
 fn corrupted_replica_is_left_alone_without_rewrite_corrupted() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    let d = Daemon::start(&disk, &[]);
-    disk.poke_raw(2, 8192, &[0x42; 4096]);
+    let r2 = replica_2_after_outvoted_read(&disk_of_0x5a());
 
-    let out = qemu_io(&d.uri, &["read -P 0x5a 0 64k"]);
-    assert!(out.ok(), "{out}");
-    assert_eq!(d.stop(), Some(0));
-
-    assert_eq!(disk.peek_raw(2, 8192, 4096), vec![0x42; 4096]);
+    assert_eq!(r2[8192..12288], [0x42; 4096]);
 }
 
 /// Three raw replicas of 0x5a with rewrite_corrupted on.
@@ -130,15 +152,9 @@ fn rewriting_disk() -> Disk {
 
 #[test]
 fn rewrite_corrupted_repairs_the_replica_file_on_disk() {
-    let disk = rewriting_disk();
-    let d = Daemon::start(&disk, &[]);
-    disk.poke_raw(2, 8192, &[0x42; 4096]);
+    let r2 = replica_2_after_outvoted_read(&rewriting_disk());
 
-    let out = qemu_io(&d.uri, &["read -P 0x5a 0 64k"]);
-    assert!(out.ok(), "{out}");
-    assert_eq!(d.stop(), Some(0));
-
-    assert_eq!(disk.peek_raw(2, 0, 65536), vec![0x5a; 65536]);
+    assert_eq!(r2, vec![0x5a; 65536]);
 }
 
 #[test]
@@ -222,18 +238,12 @@ fn qemu_img_convert_export_to_file_matches_the_replicas() {
     );
     assert!(conv.ok(), "{conv}");
 
-    let cmp = tool(
-        "qemu-img",
-        [
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            dest.to_str().unwrap(),
-            disk.path(0).to_str().unwrap(),
-        ],
-    );
+    assert_identical(dest.to_str().unwrap(), disk.path(0).to_str().unwrap());
+}
+
+/// `qemu-img compare` of two raw images (files or NBD URIs) finds them identical.
+fn assert_identical(a: &str, b: &str) {
+    let cmp = tool("qemu-img", ["compare", "-f", "raw", "-F", "raw", a, b]);
     assert!(cmp.ok(), "{cmp}");
     assert!(cmp.stdout.contains("Images are identical"), "{cmp}");
 }
@@ -263,21 +273,8 @@ fn qemu_img_convert_file_to_export_then_compare_is_identical() {
         ],
     );
     assert!(conv.ok(), "{conv}");
-    let cmp = tool(
-        "qemu-img",
-        [
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            src.to_str().unwrap(),
-            &d.uri,
-        ],
-    );
 
-    assert!(cmp.ok(), "{cmp}");
-    assert!(cmp.stdout.contains("Images are identical"), "{cmp}");
+    assert_identical(src.to_str().unwrap(), &d.uri);
 }
 
 #[test]
@@ -371,12 +368,15 @@ fn streamed_large_writes_land_whole_and_in_order_on_every_replica() {
 #[test]
 fn sub_sector_corruption_is_outvoted_and_rewritten_in_place() {
     let disk = rewriting_disk();
-    let d = Daemon::start(&disk, &[]);
-    disk.poke_raw(1, 1024, &[0x11; 16]);
 
-    let out = qemu_io(&d.uri, &["read -P 0x5a 1000 100"]);
+    let out = run_under_corruption(
+        &disk,
+        &[],
+        &[(1, 1024, &[0x11; 16])],
+        "read -P 0x5a 1000 100",
+    );
+
     assert_eq!(result_lines(&out), [read_ok_line(100, 1000)], "{out}");
-    assert_eq!(d.stop(), Some(0));
 
     assert_eq!(disk.peek_raw(1, 1024, 16), vec![0x5a; 16]);
 }
@@ -384,12 +384,10 @@ fn sub_sector_corruption_is_outvoted_and_rewritten_in_place() {
 #[test]
 fn rewrite_corrupted_repairs_only_within_the_request() {
     let disk = rewriting_disk();
-    let d = Daemon::start(&disk, &[]);
-    disk.poke_raw(0, 0, &[0x11; 8192]);
 
-    let out = qemu_io(&d.uri, &["read -P 0x5a 0 4k"]);
+    let out = run_under_corruption(&disk, &[], &[(0, 0, &[0x11; 8192])], "read -P 0x5a 0 4k");
+
     assert!(out.ok(), "{out}");
-    assert_eq!(d.stop(), Some(0));
 
     assert_eq!(
         (disk.peek_raw(0, 0, 4096), disk.peek_raw(0, 4096, 4096)),
@@ -400,13 +398,11 @@ fn rewrite_corrupted_repairs_only_within_the_request() {
 #[test]
 fn rewrite_corrupted_rewrites_nothing_without_quorum() {
     let disk = rewriting_disk();
-    let d = Daemon::start(&disk, &[]);
-    disk.poke_raw(0, 0, &[0x11; 4096]);
-    disk.poke_raw(1, 0, &[0x22; 4096]);
+    let pokes: &[(usize, u64, &[u8])] = &[(0, 0, &[0x11; 4096]), (1, 0, &[0x22; 4096])];
 
-    let out = qemu_io(&d.uri, &["read 0 4k"]);
+    let out = run_under_corruption(&disk, &[], pokes, "read 0 4k");
+
     assert_eq!(out.code, Some(1), "{out}");
-    assert_eq!(d.stop(), Some(0));
 
     assert_eq!(
         (disk.peek_raw(0, 0, 4096), disk.peek_raw(1, 0, 4096)),
