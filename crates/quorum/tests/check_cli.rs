@@ -6,14 +6,67 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{Disk, Format, Options, QUORUM, quorum, run_timeout, tool};
+use support::{Disk, Format, Options, QUORUM, TIMEOUT, quorum, run_timeout, tool};
 
 const MIB: u64 = 1 << 20;
 
-fn check(disk: &Disk, extra: &[&str]) -> support::Output {
-    let mut args = vec!["check", disk.xml.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    quorum(args)
+/// Run `quorum check` with `extra` and assert it exits `code`; returns its output.
+#[track_caller]
+fn check_exits(disk: &Disk, extra: &[&str], code: i32) -> support::Output {
+    check_exits_within(disk, extra, code, TIMEOUT)
+}
+
+/// As [`check_exits`], with `quorum check` bounded by `timeout`.
+#[track_caller]
+fn check_exits_within(
+    disk: &Disk,
+    extra: &[&str],
+    code: i32,
+    timeout: Duration,
+) -> support::Output {
+    let out = run_timeout(
+        Command::new(QUORUM)
+            .args(["check", disk.xml.to_str().unwrap()])
+            .args(extra),
+        timeout,
+    );
+    assert_eq!(out.code, Some(code), "{out}");
+    out
+}
+
+/// Unallocated 4 MiB replicas of `formats`, default options.
+fn disk_of(formats: &[Format]) -> Disk {
+    Disk::new(formats, 4 * MIB, &Options::default())
+}
+
+/// Run `quorum create` on the disk's XML with `--size size`.
+fn create(disk: &Disk, size: &str) -> support::Output {
+    quorum(["create", disk.xml.to_str().unwrap(), "--size", size])
+}
+
+/// One overwrite of a replica: (replica, pattern, offset, length).
+type Fill = (usize, u8, u64, u64);
+
+/// Three raw 4 MiB replicas of 0x5a, then each of `fills` written over its replica.
+fn raw_disk(fills: &[Fill]) -> Disk {
+    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    for &(i, pattern, off, len) in fills {
+        disk.fill(i, pattern, off, len);
+    }
+    disk
+}
+
+/// Replicas 0 and 1 differ from each other and from replica 2 at 8k..12k.
+const NO_QUORUM: [Fill; 2] = [(0, 0x41, 8192, 4096), (1, 0x42, 8192, 4096)];
+
+/// Assert `qemu-img check` finds qcow2 replica 0 consistent.
+#[track_caller]
+fn assert_replica_0_consistent(disk: &Disk) {
+    let img = tool(
+        "qemu-img",
+        ["check", "-f", "qcow2", disk.path(0).to_str().unwrap()],
+    );
+    assert!(img.ok(), "{img}");
 }
 
 fn json_ranges(out: &support::Output) -> Vec<(u64, u64, Vec<u64>)> {
@@ -39,33 +92,26 @@ fn json_ranges(out: &support::Output) -> Vec<(u64, u64, Vec<u64>)> {
 
 #[test]
 fn clean_replicas_exit_0_and_say_all_agree() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
+    let disk = raw_disk(&[]);
 
-    let out = check(&disk, &[]);
+    let out = check_exits(&disk, &[], 0);
 
-    assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("all replicas agree"), "{out}");
 }
 
 #[test]
 fn one_corrupt_replica_exits_2() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    disk.fill(1, 0x42, 65536, 4096);
+    let disk = raw_disk(&[(1, 0x42, 65536, 4096)]);
 
-    let out = check(&disk, &[]);
-
-    assert_eq!(out.code, Some(2), "{out}");
+    check_exits(&disk, &[], 2);
 }
 
 #[test]
 fn json_report_names_the_divergent_range_and_replica() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    disk.fill(1, 0x42, 65536, 4096);
-    disk.fill(2, 0x43, 3 * MIB, 8192);
+    let disk = raw_disk(&[(1, 0x42, 65536, 4096), (2, 0x43, 3 * MIB, 8192)]);
 
-    let out = check(&disk, &["--json"]);
+    let out = check_exits(&disk, &["--json"], 2);
 
-    assert_eq!(out.code, Some(2), "{out}");
     assert_eq!(
         json_ranges(&out),
         vec![(65536, 4096, vec![1]), (3 * MIB, 8192, vec![2])]
@@ -74,23 +120,19 @@ fn json_report_names_the_divergent_range_and_replica() {
 
 #[test]
 fn check_without_repair_leaves_the_corrupt_replica_alone() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    disk.fill(1, 0x42, 65536, 4096);
+    let disk = raw_disk(&[(1, 0x42, 65536, 4096)]);
 
-    let out = check(&disk, &[]);
+    check_exits(&disk, &[], 2);
 
-    assert_eq!(out.code, Some(2), "{out}");
     assert!(disk.replica_has(1, 0x42, 65536, 4096).ok());
 }
 
 #[test]
 fn repair_exits_0_and_rewrites_the_raw_replica() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    disk.fill(1, 0x42, 65536, 4096);
+    let disk = raw_disk(&[(1, 0x42, 65536, 4096)]);
 
-    let out = check(&disk, &["--repair"]);
+    check_exits(&disk, &["--repair"], 0);
 
-    assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(
         disk.peek_raw(1, 0, (4 * MIB) as usize),
         vec![0x5a; (4 * MIB) as usize]
@@ -99,37 +141,25 @@ fn repair_exits_0_and_rewrites_the_raw_replica() {
 
 #[test]
 fn check_after_repair_finds_agreement() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    disk.fill(0, 0x42, 0, 12345);
-    let repair = check(&disk, &["--repair"]);
-    assert_eq!(repair.code, Some(0), "{repair}");
+    let disk = raw_disk(&[(0, 0x42, 0, 12345)]);
+    check_exits(&disk, &["--repair"], 0);
 
-    let out = check(&disk, &["--json"]);
+    let out = check_exits(&disk, &["--json"], 0);
 
-    assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(json_ranges(&out), vec![]);
 }
 
 #[test]
 fn repair_on_qcow2_leaves_a_consistent_image_with_the_majority_data() {
-    let disk = Disk::new(
-        &[Format::Qcow2, Format::Qcow2, Format::Raw],
-        4 * MIB,
-        &Options::default(),
-    );
+    let disk = disk_of(&[Format::Qcow2, Format::Qcow2, Format::Raw]);
     for i in 0..3 {
         disk.fill(i, 0x5a, 0, 2 * MIB);
     }
     disk.fill(0, 0x42, MIB, 65536);
 
-    let out = check(&disk, &["--repair"]);
-    assert_eq!(out.code, Some(0), "{out}");
+    check_exits(&disk, &["--repair"], 0);
 
-    let img = tool(
-        "qemu-img",
-        ["check", "-f", "qcow2", disk.path(0).to_str().unwrap()],
-    );
-    assert!(img.ok(), "{img}");
+    assert_replica_0_consistent(&disk);
     let data = disk.replica_has(0, 0x5a, 0, 2 * MIB);
     assert!(
         data.ok() && data.stdout.contains("read 2097152/2097152"),
@@ -140,30 +170,22 @@ fn repair_on_qcow2_leaves_a_consistent_image_with_the_majority_data() {
 #[test]
 fn repair_fills_a_range_only_one_qcow2_replica_lacks() {
     // Replica 0 never got the write: unallocated there, data on the others.
-    let disk = Disk::new(&[Format::Qcow2; 3], 4 * MIB, &Options::default());
+    let disk = disk_of(&[Format::Qcow2; 3]);
     disk.fill(1, 0x77, 2 * MIB, 65536);
     disk.fill(2, 0x77, 2 * MIB, 65536);
 
-    let out = check(&disk, &["--repair"]);
-    assert_eq!(out.code, Some(0), "{out}");
+    check_exits(&disk, &["--repair"], 0);
 
-    let img = tool(
-        "qemu-img",
-        ["check", "-f", "qcow2", disk.path(0).to_str().unwrap()],
-    );
-    assert!(img.ok(), "{img}");
+    assert_replica_0_consistent(&disk);
     assert!(disk.replica_has(0, 0x77, 2 * MIB, 65536).ok());
 }
 
 #[test]
 fn no_quorum_spot_exits_3_and_is_not_rewritten() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    disk.fill(0, 0x41, 8192, 4096);
-    disk.fill(1, 0x42, 8192, 4096);
+    let disk = raw_disk(&NO_QUORUM);
 
-    let out = check(&disk, &["--repair"]);
+    check_exits(&disk, &["--repair"], 3);
 
-    assert_eq!(out.code, Some(3), "{out}");
     assert_eq!(
         (
             disk.peek_raw(0, 8192, 4096),
@@ -176,13 +198,10 @@ fn no_quorum_spot_exits_3_and_is_not_rewritten() {
 
 #[test]
 fn no_quorum_spot_is_reported_with_quorum_false_in_json() {
-    let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &Options::default());
-    disk.fill(0, 0x41, 8192, 4096);
-    disk.fill(1, 0x42, 8192, 4096);
+    let disk = raw_disk(&NO_QUORUM);
 
-    let out = check(&disk, &["--json"]);
+    let out = check_exits(&disk, &["--json"], 3);
 
-    assert_eq!(out.code, Some(3), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(
         (&v["ranges"][0]["offset"], &v["ranges"][0]["quorum"]),
@@ -196,31 +215,23 @@ fn sparse_100g_qcow2_disk_checks_clean_within_the_timeout() {
     for r in &disk.replicas {
         std::fs::remove_file(&r.path).expect("remove image");
     }
-    let created = quorum(["create", disk.xml.to_str().unwrap(), "--size", "100G"]);
+    let created = create(&disk, "100G");
     assert!(created.ok(), "{created}");
 
     // The bound is the command's own timeout, generous for a 2-core CI box.
-    let out = run_timeout(
-        Command::new(QUORUM).args(["check", disk.xml.to_str().unwrap()]),
-        Duration::from_secs(60),
-    );
+    let out = check_exits_within(&disk, &[], 0, Duration::from_secs(60));
 
-    assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("all replicas agree"), "{out}");
 }
 
 #[test]
 fn create_makes_missing_images_and_leaves_existing_ones_alone() {
-    let disk = Disk::new(
-        &[Format::Qcow2, Format::Raw, Format::Qcow2],
-        4 * MIB,
-        &Options::default(),
-    );
+    let disk = disk_of(&[Format::Qcow2, Format::Raw, Format::Qcow2]);
     disk.fill(0, 0x5a, 0, 65536);
     std::fs::remove_file(disk.path(1)).expect("remove");
     std::fs::remove_file(disk.path(2)).expect("remove");
 
-    let out = quorum(["create", disk.xml.to_str().unwrap(), "--size", "4M"]);
+    let out = create(&disk, "4M");
 
     assert!(out.ok(), "{out}");
     assert!(
@@ -244,7 +255,7 @@ fn create_makes_missing_images_and_leaves_existing_ones_alone() {
 
 #[test]
 fn create_refuses_when_existing_replicas_disagree_on_size() {
-    let disk = Disk::new(&[Format::Raw; 3], 4 * MIB, &Options::default());
+    let disk = disk_of(&[Format::Raw; 3]);
     let grown = tool(
         "qemu-img",
         ["resize", "-f", "raw", disk.path(2).to_str().unwrap(), "8M"],
@@ -252,7 +263,7 @@ fn create_refuses_when_existing_replicas_disagree_on_size() {
     assert!(grown.ok(), "{grown}");
     std::fs::remove_file(disk.path(1)).expect("remove");
 
-    let out = quorum(["create", disk.xml.to_str().unwrap(), "--size", "4M"]);
+    let out = create(&disk, "4M");
 
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("disagree on size"), "{out}");

@@ -76,6 +76,20 @@ fn filled(opts: Options) -> impl Fn() -> Disk {
     move || Disk::raw_filled(3, SIZE, 0x5a, &opts)
 }
 
+/// One overwrite of a replica: (replica, pattern, offset, length).
+type Fill = (usize, u8, u64, u64);
+
+/// As [`filled`], then each of `fills` written over its replica, in order.
+fn corrupted(opts: Options, fills: &[Fill]) -> impl Fn() -> Disk {
+    move || {
+        let d = filled(opts.clone())();
+        for &(i, pattern, off, len) in fills {
+            d.fill(i, pattern, off, len);
+        }
+        d
+    }
+}
+
 fn t(threshold: usize) -> Options {
     Options {
         threshold,
@@ -83,95 +97,87 @@ fn t(threshold: usize) -> Options {
     }
 }
 
-#[test]
-fn all_replicas_agree_both_read_the_pattern() {
-    let (qemu, ours, _, _) = both(filled(t(2)), &["read -P 0x5a 0 1M"]);
+/// Assert both sides give the same results for `cmds` and ours succeeds.
+#[track_caller]
+fn assert_both_succeed(build: impl Fn() -> Disk, cmds: &[&str]) {
+    let (qemu, ours, _, _) = both(build, cmds);
 
     assert_same(&qemu, &ours);
     assert_eq!(ours.code, Some(0), "{ours}");
+}
+
+/// Assert both sides give the same results for `cmds` and ours fails with EIO.
+#[track_caller]
+fn assert_both_fail_with_eio(build: impl Fn() -> Disk, cmds: &[&str]) {
+    let (qemu, ours, _, _) = both(build, cmds);
+
+    assert_same_eio(&qemu, &ours);
+}
+
+/// Assert both sides gave the same results and ours failed a read with EIO.
+#[track_caller]
+fn assert_same_eio(qemu: &Output, ours: &Output) {
+    assert_same(qemu, ours);
+    assert!(
+        ours.text().contains("read failed: Input/output error"),
+        "{ours}"
+    );
+}
+
+#[test]
+fn all_replicas_agree_both_read_the_pattern() {
+    assert_both_succeed(filled(t(2)), &["read -P 0x5a 0 1M"]);
 }
 
 #[test]
 fn one_corrupt_of_three_at_threshold_2_both_read_the_majority() {
-    let build = || {
-        let d = filled(t(2))();
-        d.fill(1, 0x42, 0, 64 * 1024);
-        d
-    };
+    let build = corrupted(t(2), &[(1, 0x42, 0, 64 * 1024)]);
 
-    let (qemu, ours, _, _) = both(build, &["read -P 0x5a 0 1M"]);
-
-    assert_same(&qemu, &ours);
-    assert_eq!(ours.code, Some(0), "{ours}");
+    assert_both_succeed(build, &["read -P 0x5a 0 1M"]);
 }
 
 #[test]
 fn two_corrupt_differently_at_threshold_2_both_fail_with_eio() {
-    let build = || {
-        let d = filled(t(2))();
-        d.fill(0, 0x41, 0, 64 * 1024);
-        d.fill(1, 0x42, 0, 64 * 1024);
-        d
-    };
+    let build = corrupted(t(2), &[(0, 0x41, 0, 64 * 1024), (1, 0x42, 0, 64 * 1024)]);
 
-    let (qemu, ours, _, _) = both(build, &["read -P 0x5a 0 64k"]);
-
-    assert_same(&qemu, &ours);
-    assert!(
-        ours.text().contains("read failed: Input/output error"),
-        "{ours}"
-    );
+    assert_both_fail_with_eio(build, &["read -P 0x5a 0 64k"]);
 }
 
 #[test]
 fn one_corrupt_at_threshold_3_both_fail_with_eio() {
-    let build = || {
-        let d = filled(t(3))();
-        d.fill(2, 0x11, 0, 64 * 1024);
-        d
-    };
+    let build = corrupted(t(3), &[(2, 0x11, 0, 64 * 1024)]);
 
-    let (qemu, ours, _, _) = both(build, &["read -P 0x5a 0 1M"]);
-
-    assert_same(&qemu, &ours);
-    assert!(
-        ours.text().contains("read failed: Input/output error"),
-        "{ours}"
-    );
+    assert_both_fail_with_eio(build, &["read -P 0x5a 0 1M"]);
 }
 
 #[test]
 fn threshold_3_region_where_all_agree_both_succeed() {
-    let build = || {
-        let d = filled(t(3))();
-        d.fill(2, 0x11, 0, 64 * 1024);
-        d
-    };
+    let build = corrupted(t(3), &[(2, 0x11, 0, 64 * 1024)]);
 
-    let (qemu, ours, _, _) = both(build, &["read -P 0x5a 64k 960k"]);
-
-    assert_same(&qemu, &ours);
-    assert_eq!(ours.code, Some(0), "{ours}");
+    assert_both_succeed(build, &["read -P 0x5a 64k 960k"]);
 }
 
+/// Each replica holds its own pattern at 1M..1M+4k.
+const TIE: [Fill; 3] = [
+    (0, 0xaa, MIB, 4096),
+    (1, 0xbb, MIB, 4096),
+    (2, 0xcc, MIB, 4096),
+];
+
+/// Reads of each replica's own pattern in the tie.
+const TIE_READS: [&str; 3] = [
+    "read -P 0xaa 1M 4k",
+    "read -P 0xbb 1M 4k",
+    "read -P 0xcc 1M 4k",
+];
+
 fn three_way_tie() -> Disk {
-    let d = filled(t(1))();
-    d.fill(0, 0xaa, MIB, 4096);
-    d.fill(1, 0xbb, MIB, 4096);
-    d.fill(2, 0xcc, MIB, 4096);
-    d
+    corrupted(t(1), &TIE)()
 }
 
 #[test]
 fn three_way_tie_at_threshold_1_both_return_the_same_lines() {
-    let (qemu, ours, _, _) = both(
-        three_way_tie,
-        &[
-            "read -P 0xaa 1M 4k",
-            "read -P 0xbb 1M 4k",
-            "read -P 0xcc 1M 4k",
-        ],
-    );
+    let (qemu, ours, _, _) = both(three_way_tie, &TIE_READS);
 
     assert_same(&qemu, &ours);
 }
@@ -189,16 +195,9 @@ fn three_way_tie_at_threshold_1_both_return_the_highest_replica() {
 
 #[test]
 fn two_against_one_at_threshold_1_both_return_the_majority() {
-    let build = || {
-        let d = three_way_tie();
-        d.fill(2, 0xbb, MIB, 4096);
-        d
-    };
+    let build = corrupted(t(1), &[TIE[0], TIE[1], TIE[2], (2, 0xbb, MIB, 4096)]);
 
-    let (qemu, ours, _, _) = both(build, &["read -P 0xbb 1M 4k"]);
-
-    assert_same(&qemu, &ours);
-    assert_eq!(ours.code, Some(0), "{ours}");
+    assert_both_succeed(build, &["read -P 0xbb 1M 4k"]);
 }
 
 #[test]
@@ -207,16 +206,9 @@ fn fifo_with_replica_0_corrupt_both_return_replica_0_data() {
         read_pattern: "fifo",
         ..t(2)
     };
-    let build = || {
-        let d = filled(opts.clone())();
-        d.fill(0, 0x11, 0, 64 * 1024);
-        d
-    };
+    let build = corrupted(opts, &[(0, 0x11, 0, 64 * 1024)]);
 
-    let (qemu, ours, _, _) = both(build, &["read -P 0x11 0 64k", "read -P 0x5a 64k 64k"]);
-
-    assert_same(&qemu, &ours);
-    assert_eq!(ours.code, Some(0), "{ours}");
+    assert_both_succeed(build, &["read -P 0x11 0 64k", "read -P 0x5a 64k 64k"]);
 }
 
 #[test]
@@ -263,20 +255,12 @@ fn qcow2_replicas_with_a_raw_backing_chain_both_read_the_same_bytes() {
 
 #[test]
 fn qcow2_replicas_with_a_raw_backing_chain_both_read_the_pattern() {
-    let (qemu, ours, _, _) = both(qcow2_with_backing, &["read -P 0x5a 0 1M"]);
-
-    assert_same(&qemu, &ours);
-    assert_eq!(ours.code, Some(0), "{ours}");
+    assert_both_succeed(qcow2_with_backing, &["read -P 0x5a 0 1M"]);
 }
 
 #[test]
 fn whole_request_vote_flag_fails_scattered_corruption_like_qemu() {
-    let build = || {
-        let d = filled(t(2))();
-        d.fill(0, 0x01, 0, 4096);
-        d.fill(1, 0x02, 512 * 1024, 4096);
-        d
-    };
+    let build = corrupted(t(2), &[(0, 0x01, 0, 4096), (1, 0x02, 512 * 1024, 4096)]);
     let qemu_disk = build();
     let qemu = qemu_io(&qemu_target(&qemu_disk), &["read -P 0x5a 0 1M"]);
     let our_disk = build();
@@ -284,11 +268,7 @@ fn whole_request_vote_flag_fails_scattered_corruption_like_qemu() {
 
     let ours = qemu_io(&d.uri, &["read -P 0x5a 0 1M"]);
 
-    assert_same(&qemu, &ours);
-    assert!(
-        ours.text().contains("read failed: Input/output error"),
-        "{ours}"
-    );
+    assert_same_eio(&qemu, &ours);
 }
 
 // ---- iotest 081, replayed against our engine through the export ----
@@ -302,13 +282,40 @@ fn opts_081(rewrite: bool) -> Options {
     }
 }
 
+/// Read 0x32 over the whole 10M disk.
+const READ_081: &[&str] = &["read -P 0x32 0 10M"];
+
+/// Start a daemon on `disk` and run `cmds` through its export; the daemon keeps running.
+fn serve_and_run(disk: &Disk, cmds: &[&str]) -> (Output, Daemon) {
+    let d = Daemon::start(disk, &[]);
+    let out = qemu_io(&d.uri, cmds);
+    (out, d)
+}
+
+/// Assert qemu-io's only result line reports a whole read of `len` bytes at 0.
+#[track_caller]
+fn assert_read_whole(out: &Output, len: u64) {
+    assert_eq!(
+        result_lines(out),
+        [format!("read {len}/{len} bytes at offset 0")],
+        "{out}"
+    );
+}
+
+/// Assert a fresh daemon on `disk` reads 0x32 over 10M and then stops cleanly.
+#[track_caller]
+fn assert_serves_0x32(disk: &Disk) {
+    let (r, d) = serve_and_run(disk, READ_081);
+    assert_read_whole(&r, SIZE_081);
+    assert_eq!(d.stop(), Some(0));
+}
+
 #[test]
 fn iotest_081_replay_through_the_export() {
     let disk = Disk::new(&[Format::Raw; 3], SIZE_081, &opts_081(false));
 
     // Write through quorum, every child holds it.
-    let d = Daemon::start(&disk, &[]);
-    let w = qemu_io(&d.uri, &["write -P 0x32 0 10M"]);
+    let (w, d) = serve_and_run(&disk, &["write -P 0x32 0 10M"]);
     assert!(w.ok(), "{w}");
     assert_eq!(d.stop(), Some(0));
     for i in 0..3 {
@@ -321,34 +328,19 @@ fn iotest_081_replay_through_the_export() {
 
     // Corrupt child 2; the read still succeeds and leaves it corrupt.
     disk.fill(1, 0x42, 0, SIZE_081);
-    let d = Daemon::start(&disk, &[]);
-    let r = qemu_io(&d.uri, &["read -P 0x32 0 10M"]);
-    assert_eq!(
-        result_lines(&r),
-        ["read 10485760/10485760 bytes at offset 0"],
-        "{r}"
-    );
-    assert_eq!(d.stop(), Some(0));
+    assert_serves_0x32(&disk);
     assert!(disk.replica_has(1, 0x42, 0, 512).ok());
 
     // With rewrite_corrupted the read repairs child 2.
     disk.write_xml(&opts_081(true));
-    let d = Daemon::start(&disk, &[]);
-    let r = qemu_io(&d.uri, &["read -P 0x32 0 10M"]);
-    assert_eq!(
-        result_lines(&r),
-        ["read 10485760/10485760 bytes at offset 0"],
-        "{r}"
-    );
-    assert_eq!(d.stop(), Some(0));
+    assert_serves_0x32(&disk);
     let fixed = disk.replica_has(1, 0x32, 0, SIZE_081);
     assert!(fixed.stdout.contains("read 10485760/10485760"), "{fixed}");
 
     // Break quorum: two children differ from each other and the third.
     disk.fill(0, 0x41, 0, SIZE_081);
     disk.fill(1, 0x42, 0, SIZE_081);
-    let d = Daemon::start(&disk, &[]);
-    let r = qemu_io(&d.uri, &["read -P 0x32 0 10M"]);
+    let (r, _d) = serve_and_run(&disk, READ_081);
     assert_eq!(
         (r.code, result_lines(&r)),
         (Some(1), vec!["read failed: Input/output error".to_owned()]),
@@ -367,15 +359,9 @@ fn blkverify_disk() -> Disk {
 #[test]
 fn iotest_081_blkverify_same_content_reads() {
     let disk = blkverify_disk();
-    let d = Daemon::start(&disk, &[]);
+    let (r, _d) = serve_and_run(&disk, READ_081);
 
-    let r = qemu_io(&d.uri, &["read -P 0x32 0 10M"]);
-
-    assert_eq!(
-        result_lines(&r),
-        ["read 10485760/10485760 bytes at offset 0"],
-        "{r}"
-    );
+    assert_read_whole(&r, SIZE_081);
 }
 
 #[test]
@@ -385,16 +371,12 @@ fn iotest_081_blkverify_mismatch_fails_the_request_and_the_daemon_keeps_serving(
     disk.fill(1, 0x42, MIB, 4096);
     let d = Daemon::start(&disk, &[]);
 
-    let bad = qemu_io(&d.uri, &["read -P 0x32 0 10M"]);
+    let bad = qemu_io(&d.uri, READ_081);
     let good = qemu_io(&d.uri, &["read -P 0x32 0 1M"]);
 
     assert!(
         bad.text().contains("read failed: Input/output error"),
         "{bad}"
     );
-    assert_eq!(
-        result_lines(&good),
-        ["read 1048576/1048576 bytes at offset 0"],
-        "{good}"
-    );
+    assert_read_whole(&good, MIB);
 }

@@ -78,28 +78,14 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let size = (4 * MIB).to_string();
-        ok(
-            "qemu-img",
-            &["create", "-q", "-f", "raw", "r1.raw", &size],
-            d,
-        );
-        ok(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "r2.qcow2", &size],
-            d,
-        );
-        ok(
-            "qemu-img",
-            &["create", "-q", "-f", "raw", "base.raw", &size],
-            d,
-        );
-        ok(
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "r3.qcow2", &size,
-            ],
-            d,
-        );
+        for args in [
+            &["-f", "raw", "r1.raw"][..],
+            &["-f", "qcow2", "r2.qcow2"],
+            &["-f", "raw", "base.raw"],
+            &["-f", "qcow2", "-b", "base.raw", "-F", "raw", "r3.qcow2"],
+        ] {
+            ok("qemu-img", &[&["create", "-q"], args, &[&size]].concat(), d);
+        }
         for (fmt, file) in [
             ("raw", "r1.raw"),
             ("qcow2", "r2.qcow2"),
@@ -130,6 +116,12 @@ impl Fixture {
         )
     }
 
+    /// Assert a read-only qemu-io `cmd` on the json form prints `expected` first.
+    #[track_caller]
+    fn assert_json_read(&self, cmd: &str, expected: &str) {
+        assert_qemu_io_prints(self.path(), &["-r", "-c", cmd, &self.json_form()], expected);
+    }
+
     /// The `-blockdev` lines, unquoted back to their JSON.
     fn blockdevs(&self) -> Vec<String> {
         self.quorum(&["qemu-args", "disk.xml"])
@@ -148,6 +140,7 @@ impl Fixture {
 struct StorageDaemon {
     child: Child,
     socket: PathBuf,
+    dir: PathBuf,
 }
 
 impl StorageDaemon {
@@ -169,7 +162,8 @@ impl StorageDaemon {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run qemu-storage-daemon (install qemu-utils): {e}"));
-        let mut daemon = StorageDaemon { child, socket };
+        let dir = fx.path().to_path_buf();
+        let mut daemon = StorageDaemon { child, socket, dir };
         daemon.wait_for_socket(fx);
         daemon
     }
@@ -194,6 +188,16 @@ impl StorageDaemon {
     fn uri(&self) -> String {
         format!("nbd+unix:///vda?socket={}", self.socket.display())
     }
+
+    /// Assert a read-only qemu-io `cmd` on the NBD export prints `expected` first.
+    #[track_caller]
+    fn assert_read(&self, cmd: &str, expected: &str) {
+        assert_qemu_io_prints(
+            &self.dir,
+            &["-r", "-f", "raw", "-c", cmd, &self.uri()],
+            expected,
+        );
+    }
 }
 
 impl Drop for StorageDaemon {
@@ -203,57 +207,51 @@ impl Drop for StorageDaemon {
     }
 }
 
-#[test]
-fn qemu_io_writes_through_the_json_form() {
-    let fx = Fixture::new();
+/// Assert qemu-io with `args` succeeds and prints `expected` as its first line.
+#[track_caller]
+fn assert_qemu_io_prints(cwd: &Path, args: &[&str], expected: &str) {
+    let out = run("qemu-io", args, cwd);
+    assert_eq!(
+        status_and_first_line(&out),
+        (true, Some(expected.to_string()))
+    );
+}
 
-    let out = run(
+/// Write 0x5a over 0..1M through the json form; asserts qemu-io succeeds.
+fn write_0x5a_through_json(fx: &Fixture) {
+    ok(
         "qemu-io",
         &["-c", "write -P 0x5a 0 1M", &fx.json_form()],
         fx.path(),
     );
+}
 
-    assert_eq!(
-        status_and_first_line(&out),
-        (
-            true,
-            Some("wrote 1048576/1048576 bytes at offset 0".to_string())
-        )
+#[test]
+fn qemu_io_writes_through_the_json_form() {
+    let fx = Fixture::new();
+
+    assert_qemu_io_prints(
+        fx.path(),
+        &["-c", "write -P 0x5a 0 1M", &fx.json_form()],
+        "wrote 1048576/1048576 bytes at offset 0",
     );
 }
 
 #[test]
 fn qemu_io_reads_back_through_the_json_form() {
     let fx = Fixture::new();
-    ok(
-        "qemu-io",
-        &["-c", "write -P 0x5a 0 1M", &fx.json_form()],
-        fx.path(),
-    );
+    write_0x5a_through_json(&fx);
 
-    let out = run(
-        "qemu-io",
-        &["-r", "-c", "read -P 0x5a 0 1M", &fx.json_form()],
-        fx.path(),
-    );
-
-    assert_eq!(
-        status_and_first_line(&out),
-        (
-            true,
-            Some("read 1048576/1048576 bytes at offset 0".to_string())
-        )
+    fx.assert_json_read(
+        "read -P 0x5a 0 1M",
+        "read 1048576/1048576 bytes at offset 0",
     );
 }
 
 #[test]
 fn json_write_reaches_every_replica() {
     let fx = Fixture::new();
-    ok(
-        "qemu-io",
-        &["-c", "write -P 0x5a 0 1M", &fx.json_form()],
-        fx.path(),
-    );
+    write_0x5a_through_json(&fx);
 
     let reads: Vec<bool> = [
         ("raw", "r1.raw"),
@@ -279,25 +277,12 @@ fn json_write_reaches_every_replica() {
 #[test]
 fn storage_daemon_serves_data_written_through_the_json_form() {
     let fx = Fixture::new();
-    ok(
-        "qemu-io",
-        &["-c", "write -P 0x5a 0 1M", &fx.json_form()],
-        fx.path(),
-    );
+    write_0x5a_through_json(&fx);
     let qsd = StorageDaemon::start(&fx);
 
-    let out = run(
-        "qemu-io",
-        &["-r", "-f", "raw", "-c", "read -P 0x5a 0 1M", &qsd.uri()],
-        fx.path(),
-    );
-
-    assert_eq!(
-        status_and_first_line(&out),
-        (
-            true,
-            Some("read 1048576/1048576 bytes at offset 0".to_string())
-        )
+    qsd.assert_read(
+        "read -P 0x5a 0 1M",
+        "read 1048576/1048576 bytes at offset 0",
     );
 }
 
@@ -306,18 +291,9 @@ fn storage_daemon_reads_data_from_the_raw_backing_file() {
     let fx = Fixture::new();
     let qsd = StorageDaemon::start(&fx);
 
-    let out = run(
-        "qemu-io",
-        &["-r", "-f", "raw", "-c", "read -P 0x33 2M 1M", &qsd.uri()],
-        fx.path(),
-    );
-
-    assert_eq!(
-        status_and_first_line(&out),
-        (
-            true,
-            Some("read 1048576/1048576 bytes at offset 2097152".to_string())
-        )
+    qsd.assert_read(
+        "read -P 0x33 2M 1M",
+        "read 1048576/1048576 bytes at offset 2097152",
     );
 }
 
@@ -331,18 +307,9 @@ fn storage_daemon_export_accepts_writes_through_the_quorum() {
         fx.path(),
     );
 
-    let out = run(
-        "qemu-io",
-        &["-r", "-f", "raw", "-c", "read -P 0x7e 1M 64k", &qsd.uri()],
-        fx.path(),
-    );
-
-    assert_eq!(
-        status_and_first_line(&out),
-        (
-            true,
-            Some("read 65536/65536 bytes at offset 1048576".to_string())
-        )
+    qsd.assert_read(
+        "read -P 0x7e 1M 64k",
+        "read 65536/65536 bytes at offset 1048576",
     );
 }
 
@@ -352,17 +319,8 @@ fn readonly_disk_json_form_opens_with_qemu_io_r() {
     let xml = DISK_XML.replace("</disk>", "<readonly/></disk>");
     std::fs::write(fx.path().join("disk.xml"), xml).unwrap();
 
-    let out = run(
-        "qemu-io",
-        &["-r", "-c", "read -P 0x33 2M 1M", &fx.json_form()],
-        fx.path(),
-    );
-
-    assert_eq!(
-        status_and_first_line(&out),
-        (
-            true,
-            Some("read 1048576/1048576 bytes at offset 2097152".to_string())
-        )
+    fx.assert_json_read(
+        "read -P 0x33 2M 1M",
+        "read 1048576/1048576 bytes at offset 2097152",
     );
 }
