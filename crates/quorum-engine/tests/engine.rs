@@ -2,14 +2,20 @@
 //! Scenarios follow QEMU's iotest 081 and the recorded reference runs in
 //! shared/reference/qemu-quorum.
 
+mod common;
+
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 
+use common::{disk, named, with_threshold};
 use quorum_engine::{BuildError, Disk, Event, Granularity, OpType, Options, ReadPattern};
 use quorum_replica::Replica;
 use quorum_replica::testing::{FaultPlan, FaultyReplica, MemReplica, Op};
 
 const SIZE: u64 = 1 << 20;
+/// Every replica's content before a test touches it.
+const FILL: u8 = 0x5a;
 const EIO: i32 = libc::EIO;
 const ENOSPC: i32 = libc::ENOSPC;
 
@@ -21,9 +27,10 @@ struct Harness {
 }
 
 impl Harness {
+    /// `n` replicas filled with `FILL`, each behind its own fault plan.
     fn new(n: usize, opts: Options) -> Harness {
         let mems: Vec<Arc<MemReplica>> = (0..n)
-            .map(|_| Arc::new(MemReplica::with_data(&vec![0x5a; SIZE as usize])))
+            .map(|_| Arc::new(MemReplica::with_data(&vec![FILL; SIZE as usize])))
             .collect();
         let plans: Vec<FaultPlan> = (0..n).map(|_| FaultPlan::new()).collect();
         let replicas = mems
@@ -32,8 +39,10 @@ impl Harness {
             .enumerate()
             .map(|(i, (m, p))| {
                 let inner: Arc<dyn Replica> = m.clone();
-                let r: Box<dyn Replica> = Box::new(FaultyReplica::with_plan(inner, p.clone()));
-                (format!("img{}", i + 1), r)
+                named(
+                    format!("img{}", i + 1),
+                    FaultyReplica::with_plan(inner, p.clone()),
+                )
             })
             .collect();
         let disk = Arc::new(Disk::new(replicas, opts).unwrap());
@@ -46,12 +55,40 @@ impl Harness {
         }
     }
 
+    /// `n` replicas voting with `threshold`, other options default.
     fn quorum(n: usize, threshold: usize) -> Harness {
+        Harness::new(n, with_threshold(threshold))
+    }
+
+    /// Three replicas at threshold 2 that rewrite the copies losing a vote.
+    fn rewriting() -> Harness {
         Harness::new(
-            n,
+            3,
             Options {
-                threshold,
-                ..Options::default()
+                rewrite_corrupted: true,
+                ..with_threshold(2)
+            },
+        )
+    }
+
+    /// Three replicas read in order (no vote) with `threshold`.
+    fn fifo(threshold: usize) -> Harness {
+        Harness::new(
+            3,
+            Options {
+                read_pattern: ReadPattern::Fifo,
+                ..with_threshold(threshold)
+            },
+        )
+    }
+
+    /// Two replicas compared by blkverify at threshold 2.
+    fn blkverify() -> Harness {
+        Harness::new(
+            2,
+            Options {
+                blkverify: true,
+                ..with_threshold(2)
             },
         )
     }
@@ -63,12 +100,28 @@ impl Harness {
             .unwrap();
     }
 
+    /// Make every `op` on `range` fail on each listed replica with its errno.
+    fn fail(&self, op: Op, range: Range<u64>, errnos: &[(usize, i32)]) {
+        for &(i, errno) in errnos {
+            self.plans[i].fail(op, range.clone(), errno);
+        }
+    }
+
+    /// Replica `i`'s bytes, read behind the engine's back.
     fn replica_bytes(&self, i: usize, offset: u64, len: usize) -> Vec<u8> {
         let mut b = vec![0; len];
         self.mems[i].read_at(&mut b, offset).unwrap();
         b
     }
 
+    /// Every replica's bytes at the same range.
+    fn copies(&self, offset: u64, len: usize) -> Vec<Vec<u8>> {
+        (0..self.mems.len())
+            .map(|i| self.replica_bytes(i, offset, len))
+            .collect()
+    }
+
+    /// Read through the engine: the voted bytes, or the errno.
     fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
         let mut b = vec![0; len];
         self.disk
@@ -77,11 +130,35 @@ impl Harness {
             .map_err(|e| e.errno)
     }
 
+    /// Write through the engine without FUA, returning the errno on failure.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), i32> {
+        self.disk.write(offset, data, false).map_err(|e| e.errno)
+    }
+
+    /// Flush through the engine, returning the errno on failure.
+    fn flush(&self) -> Result<(), i32> {
+        self.disk.flush().map_err(|e| e.errno)
+    }
+
+    /// The events raised since the last call.
     fn events(&self) -> Vec<Event> {
         self.events.try_iter().collect()
     }
+
+    /// Checks that an engine read of `len` bytes at `offset` returns `byte` throughout.
+    #[track_caller]
+    fn assert_reads_back(&self, offset: u64, len: usize, byte: u8) {
+        assert_eq!(self.read(offset, len), Ok(vec![byte; len]));
+    }
+
+    /// Checks that replica `i` holds `byte` throughout `len` bytes at `offset`.
+    #[track_caller]
+    fn assert_replica_holds(&self, i: usize, offset: u64, len: usize, byte: u8) {
+        assert_eq!(self.replica_bytes(i, offset, len), vec![byte; len]);
+    }
 }
 
+/// A `QUORUM_REPORT_BAD` event.
 fn bad(op: OpType, error: Option<&str>, node: &str, sector_num: u64, sectors_count: u64) -> Event {
     Event::ReportBad {
         op,
@@ -92,11 +169,41 @@ fn bad(op: OpType, error: Option<&str>, node: &str, sector_num: u64, sectors_cou
     }
 }
 
+/// A `QUORUM_REPORT_BAD` event for an EIO on `node`.
+fn io_error(op: OpType, node: &str, sector_num: u64, sectors_count: u64) -> Event {
+    bad(
+        op,
+        Some("Input/output error"),
+        node,
+        sector_num,
+        sectors_count,
+    )
+}
+
+/// A `QUORUM_FAILURE` event from the default disk id.
+fn failure(sector_num: u64, sectors_count: u64) -> Event {
+    Event::Failure {
+        reference: "quorum0".into(),
+        sector_num,
+        sectors_count,
+    }
+}
+
+/// A blkverify mismatch event from the default disk id, first differing at `offset`.
+fn mismatch(offset: u64, sector_num: u64, sectors_count: u64) -> Event {
+    Event::BlkverifyMismatch {
+        reference: "quorum0".into(),
+        offset,
+        sector_num,
+        sectors_count,
+    }
+}
+
 #[test]
 fn read_with_one_corrupt_replica_returns_majority() {
     let h = Harness::quorum(3, 2);
     h.corrupt(1, 0, SIZE as usize, 0x42);
-    assert_eq!(h.read(0, 65536).unwrap(), vec![0x5a; 65536]);
+    h.assert_reads_back(0, 65536, FILL);
 }
 
 #[test]
@@ -121,12 +228,7 @@ fn failed_vote_raises_quorum_failure() {
     h.corrupt(0, 0, 4096, 0x41);
     h.corrupt(1, 0, 4096, 0x42);
     let _ = h.read(1000, 100);
-    let failure = Event::Failure {
-        reference: "quorum0".into(),
-        sector_num: 1,
-        sectors_count: 2,
-    };
-    assert_eq!(h.events(), vec![failure]);
+    assert_eq!(h.events(), vec![failure(1, 2)]);
 }
 
 #[test]
@@ -148,7 +250,7 @@ fn scattered_corruption_succeeds_with_per_block_vote() {
     let h = Harness::quorum(3, 2);
     h.corrupt(0, 0, 4096, 0x01);
     h.corrupt(1, 512 << 10, 4096, 0x02);
-    assert_eq!(h.read(0, SIZE as usize).unwrap(), vec![0x5a; SIZE as usize]);
+    h.assert_reads_back(0, SIZE as usize, FILL);
 }
 
 #[test]
@@ -156,9 +258,8 @@ fn scattered_corruption_fails_with_whole_request_vote_like_qemu() {
     let h = Harness::new(
         3,
         Options {
-            threshold: 2,
             granularity: Granularity::Request,
-            ..Options::default()
+            ..with_threshold(2)
         },
     );
     h.corrupt(0, 0, 4096, 0x01);
@@ -172,55 +273,31 @@ fn tie_at_threshold_one_returns_highest_replica() {
     h.corrupt(0, SIZE - 4096, 4096, 0xaa);
     h.corrupt(1, SIZE - 4096, 4096, 0xbb);
     h.corrupt(2, SIZE - 4096, 4096, 0xcc);
-    assert_eq!(h.read(SIZE - 4096, 4096).unwrap(), vec![0xcc; 4096]);
+    h.assert_reads_back(SIZE - 4096, 4096, 0xcc);
 }
 
 #[test]
 fn rewrite_corrupted_repairs_the_losing_replica() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 2,
-            rewrite_corrupted: true,
-            ..Options::default()
-        },
-    );
+    let h = Harness::rewriting();
     h.corrupt(1, 0, SIZE as usize, 0x42);
     h.read(0, SIZE as usize).unwrap();
-    assert_eq!(
-        h.replica_bytes(1, 0, SIZE as usize),
-        vec![0x5a; SIZE as usize]
-    );
+    h.assert_replica_holds(1, 0, SIZE as usize, FILL);
 }
 
 #[test]
 fn rewrite_corrupted_touches_only_the_request_range() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 2,
-            rewrite_corrupted: true,
-            ..Options::default()
-        },
-    );
+    let h = Harness::rewriting();
     h.corrupt(0, 0, 8192, 0x11);
     h.read(0, 4096).unwrap();
     assert_eq!(
         h.replica_bytes(0, 0, 8192),
-        [vec![0x5a; 4096], vec![0x11; 4096]].concat()
+        [vec![FILL; 4096], vec![0x11; 4096]].concat()
     );
 }
 
 #[test]
 fn rewrite_corrupted_repairs_exactly_the_losing_blocks() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 2,
-            rewrite_corrupted: true,
-            ..Options::default()
-        },
-    );
+    let h = Harness::rewriting();
     h.corrupt(2, 8192, 16, 0x11);
     h.read(0, 65536).unwrap();
     assert_eq!(h.plans[2].calls(Op::Write), 1);
@@ -228,14 +305,7 @@ fn rewrite_corrupted_repairs_exactly_the_losing_blocks() {
 
 #[test]
 fn rewrite_corrupted_never_rewrites_without_quorum() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 2,
-            rewrite_corrupted: true,
-            ..Options::default()
-        },
-    );
+    let h = Harness::rewriting();
     h.corrupt(0, 0, 4096, 0x11);
     h.corrupt(1, 0, 4096, 0x22);
     let _ = h.read(0, 4096);
@@ -247,51 +317,32 @@ fn rewrite_corrupted_never_rewrites_without_quorum() {
 
 #[test]
 fn rewrite_corrupted_skips_replica_with_read_error() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 2,
-            rewrite_corrupted: true,
-            ..Options::default()
-        },
-    );
+    let h = Harness::rewriting();
     h.corrupt(0, 0, 4096, 0x11);
-    h.plans[0].fail(Op::Read, 0..4096, EIO);
+    h.fail(Op::Read, 0..4096, &[(0, EIO)]);
     h.read(0, 4096).unwrap();
-    assert_eq!(h.replica_bytes(0, 0, 4096), vec![0x11; 4096]);
+    h.assert_replica_holds(0, 0, 4096, 0x11);
 }
 
 #[test]
 fn read_error_on_one_replica_is_reported_and_read_succeeds() {
     let h = Harness::quorum(3, 2);
-    h.plans[2].fail(Op::Read, 786432..790528, EIO);
+    h.fail(Op::Read, 786432..790528, &[(2, EIO)]);
     h.read(786432, 4096).unwrap();
-    assert_eq!(
-        h.events(),
-        vec![bad(
-            OpType::Read,
-            Some("Input/output error"),
-            "img3",
-            1536,
-            8
-        )]
-    );
+    assert_eq!(h.events(), vec![io_error(OpType::Read, "img3", 1536, 8)]);
 }
 
 #[test]
 fn read_errors_below_threshold_fail_with_majority_errno() {
     let h = Harness::quorum(3, 1);
-    h.plans[0].fail(Op::Read, 0..SIZE, ENOSPC);
-    h.plans[1].fail(Op::Read, 0..SIZE, EIO);
-    h.plans[2].fail(Op::Read, 0..SIZE, ENOSPC);
+    h.fail(Op::Read, 0..SIZE, &[(0, ENOSPC), (1, EIO), (2, ENOSPC)]);
     assert_eq!(h.read(0, 65536), Err(ENOSPC));
 }
 
 #[test]
 fn read_errno_tie_goes_to_highest_replica() {
     let h = Harness::quorum(3, 3);
-    h.plans[0].fail(Op::Read, 0..SIZE, EIO);
-    h.plans[1].fail(Op::Read, 0..SIZE, ENOSPC);
+    h.fail(Op::Read, 0..SIZE, &[(0, EIO), (1, ENOSPC)]);
     assert_eq!(h.read(0, 65536), Err(ENOSPC));
 }
 
@@ -299,158 +350,93 @@ fn read_errno_tie_goes_to_highest_replica() {
 fn two_reads_that_disagree_after_an_error_fail_at_threshold_two() {
     let h = Harness::quorum(3, 2);
     h.corrupt(2, 0, 65536, 0x11);
-    h.plans[0].fail(Op::Read, 0..SIZE, EIO);
+    h.fail(Op::Read, 0..SIZE, &[(0, EIO)]);
     assert_eq!(h.read(0, 65536), Err(EIO));
 }
 
 #[test]
 fn write_with_one_failing_replica_succeeds_and_reports() {
     let h = Harness::quorum(3, 2);
-    h.plans[1].fail(Op::Write, 0..SIZE, EIO);
-    h.disk.write(524288, &[0x33; 4096], false).unwrap();
-    assert_eq!(
-        h.events(),
-        vec![bad(
-            OpType::Write,
-            Some("Input/output error"),
-            "img2",
-            1024,
-            8
-        )]
-    );
+    h.fail(Op::Write, 0..SIZE, &[(1, EIO)]);
+    h.write(524288, &[0x33; 4096]).unwrap();
+    assert_eq!(h.events(), vec![io_error(OpType::Write, "img2", 1024, 8)]);
 }
 
 #[test]
 fn write_below_threshold_fails_with_majority_errno_and_keeps_data() {
     let h = Harness::quorum(3, 1);
-    h.plans[0].fail(Op::Write, 0..SIZE, ENOSPC);
-    h.plans[1].fail(Op::Write, 0..SIZE, ENOSPC);
-    h.plans[2].fail(Op::Write, 0..SIZE, EIO);
-    assert_eq!(
-        h.disk.write(0, &[1; 4096], false).map_err(|e| e.errno),
-        Err(ENOSPC)
-    );
+    h.fail(Op::Write, 0..SIZE, &[(0, ENOSPC), (1, ENOSPC), (2, EIO)]);
+    assert_eq!(h.write(0, &[1; 4096]), Err(ENOSPC));
 }
 
 #[test]
 fn failed_write_is_not_rolled_back() {
     let h = Harness::quorum(3, 2);
-    h.plans[0].fail(Op::Write, 0..SIZE, EIO);
-    h.plans[1].fail(Op::Write, 0..SIZE, EIO);
-    let _ = h.disk.write(0, &[0x66; 4096], false);
-    assert_eq!(h.replica_bytes(2, 0, 4096), vec![0x66; 4096]);
+    h.fail(Op::Write, 0..SIZE, &[(0, EIO), (1, EIO)]);
+    let _ = h.write(0, &[0x66; 4096]);
+    h.assert_replica_holds(2, 0, 4096, 0x66);
 }
 
 #[test]
 fn flush_succeeds_at_threshold() {
     let h = Harness::quorum(3, 2);
-    h.plans[1].fail(Op::Flush, 0..1, EIO);
-    assert!(h.disk.flush().is_ok());
+    h.fail(Op::Flush, 0..1, &[(1, EIO)]);
+    assert!(h.flush().is_ok());
 }
 
 #[test]
 fn flush_below_threshold_fails() {
     let h = Harness::quorum(3, 2);
-    h.plans[0].fail(Op::Flush, 0..1, EIO);
-    h.plans[1].fail(Op::Flush, 0..1, EIO);
-    assert_eq!(h.disk.flush().map_err(|e| e.errno), Err(EIO));
+    h.fail(Op::Flush, 0..1, &[(0, EIO), (1, EIO)]);
+    assert_eq!(h.flush(), Err(EIO));
 }
 
 #[test]
 fn fifo_returns_replica_zero_without_voting() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 2,
-            read_pattern: ReadPattern::Fifo,
-            ..Options::default()
-        },
-    );
+    let h = Harness::fifo(2);
     h.corrupt(0, 0, 4096, 0x11);
-    assert_eq!(h.read(0, 4096).unwrap(), vec![0x11; 4096]);
+    h.assert_reads_back(0, 4096, 0x11);
 }
 
 #[test]
 fn fifo_falls_back_to_next_replica_on_error() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 3,
-            read_pattern: ReadPattern::Fifo,
-            ..Options::default()
-        },
-    );
+    let h = Harness::fifo(3);
     h.corrupt(0, 0, 4096, 0x11);
-    h.plans[0].fail(Op::Read, 0..SIZE, EIO);
-    assert_eq!(h.read(0, 4096).unwrap(), vec![0x5a; 4096]);
+    h.fail(Op::Read, 0..SIZE, &[(0, EIO)]);
+    h.assert_reads_back(0, 4096, FILL);
 }
 
 #[test]
 fn fifo_with_every_replica_failing_returns_last_errno() {
-    let h = Harness::new(
-        3,
-        Options {
-            threshold: 1,
-            read_pattern: ReadPattern::Fifo,
-            ..Options::default()
-        },
-    );
-    h.plans[0].fail(Op::Read, 0..SIZE, EIO);
-    h.plans[1].fail(Op::Read, 0..SIZE, EIO);
-    h.plans[2].fail(Op::Read, 0..SIZE, ENOSPC);
+    let h = Harness::fifo(1);
+    h.fail(Op::Read, 0..SIZE, &[(0, EIO), (1, EIO), (2, ENOSPC)]);
     assert_eq!(h.read(0, 4096), Err(ENOSPC));
 }
 
 #[test]
 fn blkverify_mismatch_fails_read_and_names_first_difference() {
-    let h = Harness::new(
-        2,
-        Options {
-            threshold: 2,
-            blkverify: true,
-            ..Options::default()
-        },
-    );
+    let h = Harness::blkverify();
     h.corrupt(1, 5000, 10, 0x11);
     let r = h.read(4096, 8192);
-    let ev = Event::BlkverifyMismatch {
-        reference: "quorum0".into(),
-        offset: 5000,
-        sector_num: 8,
-        sectors_count: 16,
-    };
-    assert_eq!((r, h.events()), (Err(EIO), vec![ev]));
+    assert_eq!((r, h.events()), (Err(EIO), vec![mismatch(5000, 8, 16)]));
 }
 
 #[test]
 fn blkverify_with_equal_replicas_reads() {
-    let h = Harness::new(
-        2,
-        Options {
-            threshold: 2,
-            blkverify: true,
-            ..Options::default()
-        },
-    );
+    let h = Harness::blkverify();
     assert!(h.read(0, 65536).is_ok());
 }
 
 #[test]
 fn blkverify_needs_two_replicas_and_threshold_two() {
-    let mems: Vec<(String, Box<dyn Replica>)> = (0..3)
-        .map(|i| {
-            (
-                format!("r{i}"),
-                Box::new(MemReplica::new(4096)) as Box<dyn Replica>,
-            )
-        })
+    let mems = (0..3)
+        .map(|i| named(format!("r{i}"), MemReplica::new(4096)))
         .collect();
     let r = Disk::new(
         mems,
         Options {
-            threshold: 2,
             blkverify: true,
-            ..Options::default()
+            ..with_threshold(2)
         },
     );
     assert!(matches!(r, Err(BuildError::Invalid(_))));
@@ -458,18 +444,11 @@ fn blkverify_needs_two_replicas_and_threshold_two() {
 
 #[test]
 fn replicas_of_different_sizes_are_refused_naming_both() {
-    let mems: Vec<(String, Box<dyn Replica>)> = vec![
-        ("a".into(), Box::new(MemReplica::new(4096))),
-        ("b".into(), Box::new(MemReplica::new(8192))),
+    let mems = vec![
+        named("a", MemReplica::new(4096)),
+        named("b", MemReplica::new(8192)),
     ];
-    let e = Disk::new(
-        mems,
-        Options {
-            threshold: 1,
-            ..Options::default()
-        },
-    )
-    .unwrap_err();
+    let e = disk(mems, 1).unwrap_err();
     assert_eq!(
         e.to_string(),
         "replica b has size 8192 bytes, but replica a has 4096 bytes; all replicas must have the same size"
@@ -481,15 +460,11 @@ fn write_to_read_only_disk_is_eperm() {
     let h = Harness::new(
         3,
         Options {
-            threshold: 2,
             read_only: true,
-            ..Options::default()
+            ..with_threshold(2)
         },
     );
-    assert_eq!(
-        h.disk.write(0, &[1; 512], false).map_err(|e| e.errno),
-        Err(libc::EPERM)
-    );
+    assert_eq!(h.write(0, &[1; 512]), Err(libc::EPERM));
 }
 
 #[test]
@@ -502,15 +477,14 @@ fn read_beyond_end_is_einval() {
 fn discard_reads_back_zeroes_on_every_replica() {
     let h = Harness::quorum(3, 2);
     h.disk.discard(0, 65536).unwrap();
-    let all: Vec<Vec<u8>> = (0..3).map(|i| h.replica_bytes(i, 0, 65536)).collect();
-    assert_eq!(all, vec![vec![0; 65536]; 3]);
+    assert_eq!(h.copies(0, 65536), vec![vec![0; 65536]; 3]);
 }
 
 #[test]
 fn write_zeroes_reads_back_zeroes() {
     let h = Harness::quorum(3, 2);
     h.disk.write_zeroes(4096, 8192, false, false).unwrap();
-    assert_eq!(h.read(4096, 8192).unwrap(), vec![0; 8192]);
+    h.assert_reads_back(4096, 8192, 0);
 }
 
 #[test]
@@ -521,20 +495,13 @@ fn block_status_is_zero_only_where_every_replica_is_zero() {
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            (
+            named(
                 format!("r{i}"),
-                Box::new(FaultyReplica::new(m.clone() as Arc<dyn Replica>)) as Box<dyn Replica>,
+                FaultyReplica::new(m.clone() as Arc<dyn Replica>),
             )
         })
         .collect();
-    let disk = Disk::new(
-        replicas,
-        Options {
-            threshold: 2,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let disk = disk(replicas, 2).unwrap();
     let st: Vec<(u64, bool)> = disk
         .block_status(0, 16384)
         .unwrap()
@@ -572,7 +539,7 @@ fn scrub_repair_rewrites_minority_blocks() {
     let h = Harness::quorum(3, 2);
     h.corrupt(2, 8192, 100, 0x11);
     h.disk.scrub(0, SIZE, true).unwrap();
-    assert_eq!(h.replica_bytes(2, 8192, 100), vec![0x5a; 100]);
+    h.assert_replica_holds(2, 8192, 100, FILL);
 }
 
 #[test]
@@ -591,7 +558,7 @@ fn scrub_never_repairs_blocks_without_quorum() {
         (
             vec![(0, false, false), (65536, true, true)],
             vec![0x11],
-            vec![0x5a]
+            vec![FILL]
         )
     );
 }
@@ -613,7 +580,7 @@ fn concurrent_overlapping_writes_leave_replicas_identical() {
     for t in threads {
         t.join().unwrap();
     }
-    let copies: Vec<Vec<u8>> = (0..3).map(|i| h.replica_bytes(i, 0, 16384)).collect();
+    let copies = h.copies(0, 16384);
     assert!(copies[0] == copies[1] && copies[1] == copies[2]);
 }
 

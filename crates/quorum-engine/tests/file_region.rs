@@ -1,12 +1,15 @@
 //! `Disk::read_with_region`: the page-cache region a server may send a read
 //! from must belong to a replica whose copy won every block of the read.
 
+mod common;
+
 use std::fs::OpenOptions as FsOpen;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 
-use quorum_engine::{Disk, FileRegion, Options};
-use quorum_replica::{OpenOptions, RawReplica, Replica};
+use common::{disk, named};
+use quorum_engine::{Disk, FileRegion};
+use quorum_replica::{OpenOptions, RawReplica};
 use tempfile::TempDir;
 
 const SIZE: u64 = 1 << 20;
@@ -18,6 +21,7 @@ struct Replicas {
     disk: Disk,
 }
 
+/// Three raw replica files filled with 0x5a, voting at threshold 2.
 fn three_raw() -> Replicas {
     let dir = TempDir::new().unwrap();
     let paths: Vec<PathBuf> = (1..=3)
@@ -34,23 +38,24 @@ fn three_raw() -> Replicas {
         .map(|(i, p)| {
             let f = std::fs::File::create(p).unwrap();
             f.write_all_at(&vec![0x5a; SIZE as usize], 0).unwrap();
-            let r: Box<dyn Replica> = Box::new(RawReplica::open(p, &opts).unwrap());
-            (format!("replica-{i}"), r)
+            named(format!("replica-{i}"), RawReplica::open(p, &opts).unwrap())
         })
         .collect();
-    let disk = Disk::new(
-        replicas,
-        Options {
-            threshold: 2,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let disk = disk(replicas, 2).unwrap();
     Replicas {
         _dir: dir,
         paths,
         disk,
     }
+}
+
+/// `three_raw` with block `b` of replica `i` corrupted for each `(i, b)`.
+fn three_raw_corrupted(blocks: &[(usize, u64)]) -> Replicas {
+    let r = three_raw();
+    for &(i, block) in blocks {
+        r.corrupt_block(i, block);
+    }
+    r
 }
 
 impl Replicas {
@@ -72,10 +77,17 @@ impl Replicas {
         found.unwrap()
     }
 
+    /// Read through the engine: the voted bytes and the region, if any.
     fn read(&self, offset: u64, len: usize) -> (Vec<u8>, Option<FileRegion>) {
         let mut buf = vec![0; len];
         let region = self.disk.read_with_region(offset, &mut buf).unwrap();
         (buf, region)
+    }
+
+    /// Which replica the region of a read points into; panics if there is none.
+    fn region_replica(&self, offset: u64, len: usize) -> usize {
+        let (_, region) = self.read(offset, len);
+        self.replica_of(&region.unwrap())
     }
 }
 
@@ -89,16 +101,13 @@ fn unanimous_read_points_at_the_first_replica_at_the_same_offset() {
 
 #[test]
 fn a_voted_out_replica_is_never_the_region() {
-    let r = three_raw();
-    r.corrupt_block(0, 2);
-    let (_, region) = r.read(0, 65536);
-    assert_eq!(r.replica_of(&region.unwrap()), 1);
+    let r = three_raw_corrupted(&[(0, 2)]);
+    assert_eq!(r.region_replica(0, 65536), 1);
 }
 
 #[test]
 fn region_holds_exactly_the_voted_bytes() {
-    let r = three_raw();
-    r.corrupt_block(0, 2);
+    let r = three_raw_corrupted(&[(0, 2)]);
     let (voted, region) = r.read(0, 65536);
     let region = region.unwrap();
     let mut sent = vec![0; voted.len()];
@@ -108,28 +117,20 @@ fn region_holds_exactly_the_voted_bytes() {
 
 #[test]
 fn only_the_replica_that_won_every_block_qualifies() {
-    let r = three_raw();
-    r.corrupt_block(0, 1);
-    r.corrupt_block(1, 3);
-    let (_, region) = r.read(0, 65536);
-    assert_eq!(r.replica_of(&region.unwrap()), 2);
+    let r = three_raw_corrupted(&[(0, 1), (1, 3)]);
+    assert_eq!(r.region_replica(0, 65536), 2);
 }
 
 #[test]
 fn no_region_when_every_replica_lost_some_block() {
-    let r = three_raw();
-    r.corrupt_block(0, 1);
-    r.corrupt_block(1, 3);
-    r.corrupt_block(2, 5);
+    let r = three_raw_corrupted(&[(0, 1), (1, 3), (2, 5)]);
     let (voted, region) = r.read(0, 65536);
     assert_eq!((voted, region.is_none()), (vec![0x5a; 65536], true));
 }
 
 #[test]
 fn read_without_quorum_fails_with_eio() {
-    let r = three_raw();
-    r.corrupt_block(0, 0);
-    r.corrupt_block(1, 0);
+    let r = three_raw_corrupted(&[(0, 0), (1, 0)]);
     let mut buf = vec![0; 4096];
     let err = r.disk.read_with_region(0, &mut buf).unwrap_err();
     assert_eq!(err.errno, libc::EIO);
