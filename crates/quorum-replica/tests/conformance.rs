@@ -2,10 +2,11 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-use quorum_config::model::ImageFormat;
+use quorum_config::model::StorageSource;
 use quorum_replica::testing::MemReplica;
 use quorum_replica::{ErrorKind, OpenOptions, Replica, create, open};
 use tempfile::TempDir;
@@ -22,72 +23,47 @@ struct Fixture {
     _dir: Option<TempDir>,
 }
 
-fn raw_file(direct: bool) -> Fixture {
-    let dir = TempDir::new().unwrap();
-    let path = path_in(&dir, "r.raw");
-    create(&raw(&path), SIZE, None).unwrap();
-    let replica = open(
-        &raw(&path),
-        &OpenOptions {
-            read_only: false,
-            direct,
-            no_locking: false,
-        },
-    )
-    .unwrap();
-    Fixture {
-        replica: replica.into(),
-        fresh_is_hole: true,
-        _server: None,
-        _dir: Some(dir),
+impl Fixture {
+    /// A replica on files in `dir`, whose untouched areas are holes.
+    fn in_dir(replica: Box<dyn Replica>, dir: TempDir) -> Self {
+        Fixture {
+            replica: replica.into(),
+            fresh_is_hole: true,
+            _server: None,
+            _dir: Some(dir),
+        }
     }
 }
 
-fn qcow2_file(direct: bool) -> Fixture {
+/// A fresh image at `name` as `make` declares it, opened read-write.
+fn fresh_file(name: &str, make: fn(&Path) -> StorageSource, direct: bool) -> Fixture {
     let dir = TempDir::new().unwrap();
-    let path = path_in(&dir, "q.qcow2");
-    create(&qcow2(&path), SIZE, None).unwrap();
-    let replica = open(
-        &qcow2(&path),
-        &OpenOptions {
-            read_only: false,
-            direct,
-            no_locking: false,
-        },
-    )
-    .unwrap();
-    Fixture {
-        replica: replica.into(),
-        fresh_is_hole: true,
-        _server: None,
-        _dir: Some(dir),
-    }
+    let path = path_in(&dir, name);
+    create(&make(&path), SIZE, None).unwrap();
+    let replica = open(&make(&path), &rw(direct)).unwrap();
+    Fixture::in_dir(replica, dir)
+}
+
+fn raw_file(direct: bool) -> Fixture {
+    fresh_file("r.raw", raw, direct)
+}
+
+fn qcow2_file(direct: bool) -> Fixture {
+    fresh_file("q.qcow2", qcow2, direct)
 }
 
 fn qcow2_over_raw() -> Fixture {
     let dir = TempDir::new().unwrap();
     let base = path_in(&dir, "base.raw");
     let top = path_in(&dir, "top.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-f", "raw", p(&base), &SIZE.to_string()],
-    );
-    qemu_io("raw", &base, &["write -P 0x5a 0 4M"]);
-    let chain = over(
-        &top,
-        layer(
-            &base,
-            ImageFormat::Raw,
-            quorum_config::model::Backing::Unspecified,
-        ),
-    );
+    let size = SIZE.to_string();
+    qemu_image(&base, "raw", &[], &size, &["write -P 0x5a 0 4M"]);
+    let chain = over(&top, raw(&base));
     create(&chain, SIZE, None).unwrap();
     let replica = open(&chain, &OpenOptions::default()).unwrap();
     Fixture {
-        replica: replica.into(),
         fresh_is_hole: false,
-        _server: None,
-        _dir: Some(dir),
+        ..Fixture::in_dir(replica, dir)
     }
 }
 
@@ -109,10 +85,8 @@ fn nbd_over_qemu_nbd() -> Fixture {
     let server = serve_qemu_nbd(&path, &socket);
     let replica = open(&nbd_unix(&socket), &OpenOptions::default()).unwrap();
     Fixture {
-        replica: replica.into(),
-        fresh_is_hole: true,
         _server: Some(server),
-        _dir: Some(dir),
+        ..Fixture::in_dir(replica, dir)
     }
 }
 
@@ -120,12 +94,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
-}
-
-fn read(r: &dyn Replica, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    r.read_at(&mut buf, off).unwrap();
-    buf
 }
 
 fn size_is_declared(f: Fixture) {
@@ -155,16 +123,21 @@ fn write_past_end_is_out_of_range(f: Fixture) {
     assert_eq!(err.kind, ErrorKind::OutOfRange);
 }
 
-fn write_zeroes_reads_zeroes(f: Fixture) {
+/// Asserts that zeroes written over data (with these flags) read back as zeroes.
+fn assert_write_zeroes_reads_zeroes(f: Fixture, may_unmap: bool, fua: bool) {
     f.replica.write_at(&pattern(300_000, 1), 0, false).unwrap();
-    f.replica.write_zeroes(1000, 200_000, false, false).unwrap();
+    f.replica
+        .write_zeroes(1000, 200_000, may_unmap, fua)
+        .unwrap();
     assert_eq!(read(&*f.replica, 1000, 200_000), vec![0u8; 200_000]);
 }
 
+fn write_zeroes_reads_zeroes(f: Fixture) {
+    assert_write_zeroes_reads_zeroes(f, false, false);
+}
+
 fn write_zeroes_unmap_reads_zeroes(f: Fixture) {
-    f.replica.write_at(&pattern(300_000, 1), 0, false).unwrap();
-    f.replica.write_zeroes(1000, 200_000, true, true).unwrap();
-    assert_eq!(read(&*f.replica, 1000, 200_000), vec![0u8; 200_000]);
+    assert_write_zeroes_reads_zeroes(f, true, true);
 }
 
 fn write_zeroes_keeps_neighbours(f: Fixture) {
@@ -185,19 +158,21 @@ fn flush_succeeds(f: Fixture) {
     f.replica.flush().unwrap();
 }
 
-fn block_status_covers_range(f: Fixture) {
+/// Block status of `off..off + len` after 64 KiB of data is written at 1 MiB.
+fn status_after_write(f: &Fixture, off: u64, len: u64) -> Vec<quorum_replica::Extent> {
     f.replica
         .write_at(&pattern(65536, 2), 1 << 20, false)
         .unwrap();
-    let ext = f.replica.block_status(0, SIZE).unwrap();
+    f.replica.block_status(off, len).unwrap()
+}
+
+fn block_status_covers_range(f: Fixture) {
+    let ext = status_after_write(&f, 0, SIZE);
     assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), SIZE);
 }
 
 fn block_status_reports_written_data(f: Fixture) {
-    f.replica
-        .write_at(&pattern(65536, 2), 1 << 20, false)
-        .unwrap();
-    let ext = f.replica.block_status(1 << 20, 65536).unwrap();
+    let ext = status_after_write(&f, 1 << 20, 65536);
     assert!(!ext[0].hole && !ext[0].zero, "{ext:?}");
 }
 
@@ -251,70 +226,37 @@ fn concurrent_reads_during_discard(f: Fixture) {
     });
 }
 
+/// One module of tests per backend, each running the same-named check on `$make`.
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
+        conformance!(
+            @cases $backend, $make,
+            size_is_declared,
+            read_after_unaligned_write,
+            fua_write_reads_back,
+            read_past_end_is_out_of_range,
+            write_past_end_is_out_of_range,
+            write_zeroes_reads_zeroes,
+            write_zeroes_unmap_reads_zeroes,
+            write_zeroes_keeps_neighbours,
+            discard_reads_zeroes,
+            flush_succeeds,
+            block_status_covers_range,
+            block_status_reports_written_data,
+            block_status_reports_fresh_holes,
+            concurrent_disjoint_writes,
+            concurrent_reads_during_discard
+        );
+    };
+    (@cases $backend:ident, $make:expr, $($case:ident),*) => {
         mod $backend {
             use super::*;
-            #[test]
-            fn size_is_declared() {
-                super::size_is_declared($make)
-            }
-            #[test]
-            fn read_after_unaligned_write() {
-                super::read_after_unaligned_write($make)
-            }
-            #[test]
-            fn fua_write_reads_back() {
-                super::fua_write_reads_back($make)
-            }
-            #[test]
-            fn read_past_end_is_out_of_range() {
-                super::read_past_end_is_out_of_range($make)
-            }
-            #[test]
-            fn write_past_end_is_out_of_range() {
-                super::write_past_end_is_out_of_range($make)
-            }
-            #[test]
-            fn write_zeroes_reads_zeroes() {
-                super::write_zeroes_reads_zeroes($make)
-            }
-            #[test]
-            fn write_zeroes_unmap_reads_zeroes() {
-                super::write_zeroes_unmap_reads_zeroes($make)
-            }
-            #[test]
-            fn write_zeroes_keeps_neighbours() {
-                super::write_zeroes_keeps_neighbours($make)
-            }
-            #[test]
-            fn discard_reads_zeroes() {
-                super::discard_reads_zeroes($make)
-            }
-            #[test]
-            fn flush_succeeds() {
-                super::flush_succeeds($make)
-            }
-            #[test]
-            fn block_status_covers_range() {
-                super::block_status_covers_range($make)
-            }
-            #[test]
-            fn block_status_reports_written_data() {
-                super::block_status_reports_written_data($make)
-            }
-            #[test]
-            fn block_status_reports_fresh_holes() {
-                super::block_status_reports_fresh_holes($make)
-            }
-            #[test]
-            fn concurrent_disjoint_writes() {
-                super::concurrent_disjoint_writes($make)
-            }
-            #[test]
-            fn concurrent_reads_during_discard() {
-                super::concurrent_reads_during_discard($make)
-            }
+            $(
+                #[test]
+                fn $case() {
+                    super::$case($make)
+                }
+            )*
         }
     };
 }

@@ -2,41 +2,44 @@
 
 mod common;
 
+use std::path::PathBuf;
+
 use common::*;
-use quorum_replica::{OpenError, OpenOptions, create, open};
+use quorum_replica::{OpenOptions, Replica, create, open};
 use tempfile::TempDir;
 
-const RW: OpenOptions = OpenOptions {
-    read_only: false,
-    direct: false,
-    no_locking: false,
-};
-const RO: OpenOptions = OpenOptions {
-    read_only: true,
-    direct: false,
-    no_locking: false,
-};
-
-fn image(dir: &TempDir) -> std::path::PathBuf {
+/// A fresh 1 MiB qcow2 image made by us.
+fn image(dir: &TempDir) -> PathBuf {
     let path = path_in(dir, "r1.qcow2");
     create(&qcow2(&path), 1 << 20, None).unwrap();
+    path
+}
+
+/// `image`, opened here with `opts`; returns its path and the open replica.
+fn held_image(dir: &TempDir, opts: &OpenOptions) -> (PathBuf, Box<dyn Replica>) {
+    let path = image(dir);
+    let held = open(&qcow2(&path), opts).unwrap();
+    (path, held)
+}
+
+/// A fresh 1 MiB raw image made by us.
+fn raw_image(dir: &TempDir) -> PathBuf {
+    let path = path_in(dir, "r.raw");
+    create(&raw(&path), 1 << 20, None).unwrap();
     path
 }
 
 #[test]
 fn qemu_io_write_fails_while_we_hold_the_image_for_writing() {
     let dir = TempDir::new().unwrap();
-    let path = image(&dir);
-    let _held = open(&qcow2(&path), &RW).unwrap();
-    let (ok, out) = qemu_io("qcow2", &path, &["write 0 512"]);
-    assert!(!ok && out.contains("lock"), "{out}");
+    let (path, _held) = held_image(&dir, &RW);
+    assert_qemu_io_write_locked_out("qcow2", &path);
 }
 
 #[test]
 fn qemu_img_info_fails_while_we_hold_the_image_for_writing() {
     let dir = TempDir::new().unwrap();
-    let path = image(&dir);
-    let _held = open(&qcow2(&path), &RW).unwrap();
+    let (path, _held) = held_image(&dir, &RW);
     let out = run("qemu-img", &["info", p(&path)]);
     assert!(!out.status.success());
 }
@@ -44,44 +47,36 @@ fn qemu_img_info_fails_while_we_hold_the_image_for_writing() {
 #[test]
 fn qemu_img_info_coexists_with_a_read_only_open() {
     let dir = TempDir::new().unwrap();
-    let path = image(&dir);
-    let _held = open(&qcow2(&path), &RO).unwrap();
+    let (path, _held) = held_image(&dir, &RO);
     run_ok("qemu-img", &["info", p(&path)]);
 }
 
 #[test]
 fn qemu_io_write_fails_while_we_hold_the_image_read_only() {
     let dir = TempDir::new().unwrap();
-    let path = image(&dir);
-    let _held = open(&qcow2(&path), &RO).unwrap();
-    let (ok, out) = qemu_io("qcow2", &path, &["write 0 512"]);
-    assert!(!ok && out.contains("lock"), "{out}");
+    let (path, _held) = held_image(&dir, &RO);
+    assert_qemu_io_write_locked_out("qcow2", &path);
 }
 
 #[test]
 fn two_read_only_opens_share_an_image() {
     let dir = TempDir::new().unwrap();
-    let path = image(&dir);
-    let _a = open(&qcow2(&path), &RO).unwrap();
+    let (path, _a) = held_image(&dir, &RO);
     open(&qcow2(&path), &RO).unwrap();
 }
 
 #[test]
 fn second_writer_is_refused() {
     let dir = TempDir::new().unwrap();
-    let path = image(&dir);
-    let _a = open(&qcow2(&path), &RW).unwrap();
-    let err = open(&qcow2(&path), &RW).unwrap_err();
-    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+    let (path, _a) = held_image(&dir, &RW);
+    assert_locked(open(&qcow2(&path), &RW).unwrap_err());
 }
 
 #[test]
 fn read_only_open_is_refused_while_we_write() {
     let dir = TempDir::new().unwrap();
-    let path = image(&dir);
-    let _a = open(&qcow2(&path), &RW).unwrap();
-    let err = open(&qcow2(&path), &RO).unwrap_err();
-    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+    let (path, _a) = held_image(&dir, &RW);
+    assert_locked(open(&qcow2(&path), &RO).unwrap_err());
 }
 
 #[test]
@@ -89,8 +84,7 @@ fn lock_is_released_when_the_replica_is_dropped() {
     let dir = TempDir::new().unwrap();
     let path = image(&dir);
     drop(open(&qcow2(&path), &RW).unwrap());
-    let (ok, out) = qemu_io("qcow2", &path, &["write 0 512"]);
-    assert!(ok, "{out}");
+    assert_qemu_io_ok("qcow2", &path, &["write 0 512"]);
 }
 
 #[test]
@@ -111,8 +105,7 @@ fn read_only_open_fails_while_qemu_io_writes_it() {
     let dir = TempDir::new().unwrap();
     let path = image(&dir);
     let _qemu = hold_with_qemu_io("qcow2", &path, false);
-    let err = open(&qcow2(&path), &RO).unwrap_err();
-    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+    assert_locked(open(&qcow2(&path), &RO).unwrap_err());
 }
 
 #[test]
@@ -126,18 +119,15 @@ fn read_only_open_coexists_with_read_only_qemu_io() {
 #[test]
 fn raw_open_fails_while_qemu_nbd_serves_it() {
     let dir = TempDir::new().unwrap();
-    let path = path_in(&dir, "r.raw");
-    create(&raw(&path), 1 << 20, None).unwrap();
+    let path = raw_image(&dir);
     let _nbd = hold_with_qemu_nbd("raw", &path, &path_in(&dir, "nbd.sock"));
-    let err = open(&raw(&path), &RW).unwrap_err();
-    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+    assert_locked(open(&raw(&path), &RW).unwrap_err());
 }
 
 #[test]
 fn qemu_nbd_fails_while_we_hold_a_raw_image() {
     let dir = TempDir::new().unwrap();
-    let path = path_in(&dir, "r.raw");
-    create(&raw(&path), 1 << 20, None).unwrap();
+    let path = raw_image(&dir);
     let _held = open(&raw(&path), &RW).unwrap();
     let sock = path_in(&dir, "nbd.sock");
     let status = exit_status_within("qemu-nbd", &["-f", "raw", "-k", p(&sock), p(&path)]);
@@ -151,8 +141,7 @@ fn backing_layer_is_locked_against_qemu_writers() {
     create(&raw(&base), 1 << 20, None).unwrap();
     create(&over(&top, raw(&base)), 1 << 20, None).unwrap();
     let _held = open(&over(&top, raw(&base)), &RW).unwrap();
-    let (ok, out) = qemu_io("raw", &base, &["write 0 512"]);
-    assert!(!ok && out.contains("lock"), "{out}");
+    assert_qemu_io_write_locked_out("raw", &base);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use quorum_replica::{
-    ErrorKind, NbdAddress, NbdConfig, NbdReplica, OpenOptions, Replica, create, open, probe,
+    ErrorKind, Extent, NbdAddress, NbdConfig, NbdReplica, OpenOptions, Replica, create, open, probe,
 };
 use tempfile::TempDir;
 
@@ -50,15 +50,21 @@ fn errno_of(r: quorum_replica::Result<()>) -> ErrorKind {
     r.unwrap_err().kind
 }
 
+/// nbdkit's 64M memory disk behind its error filter, configured by `params`.
+fn failing_kit(params: &[&str]) -> Kit {
+    kit(&[&["--filter=error", "memory", "64M"], params].concat())
+}
+
+/// Block status of `off..off + len` on a memory disk with 64 KiB written at 1 MiB.
+fn memory_disk_status(off: u64, len: u64) -> Vec<Extent> {
+    let k = kit(&["memory", "64M"]);
+    k.replica.write_at(&[7u8; 65536], 1 << 20, false).unwrap();
+    k.replica.block_status(off, len).unwrap()
+}
+
 #[test]
 fn read_error_from_server_is_eio() {
-    let k = kit(&[
-        "--filter=error",
-        "memory",
-        "64M",
-        "error-pread=EIO",
-        "error-pread-rate=100%",
-    ]);
+    let k = failing_kit(&["error-pread=EIO", "error-pread-rate=100%"]);
     let mut buf = vec![0u8; 4096];
     assert_eq!(
         errno_of(k.replica.read_at(&mut buf, 0)),
@@ -68,13 +74,7 @@ fn read_error_from_server_is_eio() {
 
 #[test]
 fn write_enospc_from_server_is_enospc() {
-    let k = kit(&[
-        "--filter=error",
-        "memory",
-        "64M",
-        "error-pwrite=ENOSPC",
-        "error-pwrite-rate=100%",
-    ]);
+    let k = failing_kit(&["error-pwrite=ENOSPC", "error-pwrite-rate=100%"]);
     assert_eq!(
         errno_of(k.replica.write_at(&[1u8; 4096], 0, false)),
         ErrorKind::Io(libc::ENOSPC)
@@ -86,14 +86,7 @@ fn errors_start_when_the_trigger_file_appears() {
     let dir = TempDir::new().unwrap();
     let trigger = path_in(&dir, "fail");
     let arg = format!("error-file={}", trigger.display());
-    let k = kit(&[
-        "--filter=error",
-        "memory",
-        "64M",
-        "error=EIO",
-        "error-rate=100%",
-        &arg,
-    ]);
+    let k = failing_kit(&["error=EIO", "error-rate=100%", &arg]);
     let mut buf = vec![0u8; 4096];
     k.replica.read_at(&mut buf, 0).unwrap();
     std::fs::write(&trigger, b"").unwrap();
@@ -122,17 +115,13 @@ fn stalled_server_fails_with_timeout() {
 
 #[test]
 fn sparse_memory_disk_reports_holes() {
-    let k = kit(&["memory", "64M"]);
-    k.replica.write_at(&[7u8; 65536], 1 << 20, false).unwrap();
-    let ext = k.replica.block_status(0, 1 << 20).unwrap();
+    let ext = memory_disk_status(0, 1 << 20);
     assert_eq!((ext[0].hole, ext[0].zero), (true, true), "{ext:?}");
 }
 
 #[test]
 fn sparse_memory_disk_reports_written_data() {
-    let k = kit(&["memory", "64M"]);
-    k.replica.write_at(&[7u8; 65536], 1 << 20, false).unwrap();
-    let ext = k.replica.block_status(1 << 20, 65536).unwrap();
+    let ext = memory_disk_status(1 << 20, 65536);
     assert_eq!((ext[0].hole, ext[0].zero), (false, false), "{ext:?}");
 }
 
@@ -244,12 +233,17 @@ impl Restartable {
     fn start(&mut self) {
         self.server = Some(serve_qemu_nbd(&self.path, &self.sock));
     }
+
+    /// A replica opened through the NBD client on this server's socket.
+    fn client(&self) -> Box<dyn Replica> {
+        open(&nbd_unix(&self.sock), &OpenOptions::default()).unwrap()
+    }
 }
 
 #[test]
 fn reconnects_after_server_restart() {
     let mut s = Restartable::new();
-    let r = open(&nbd_unix(&s.sock), &OpenOptions::default()).unwrap();
+    let r = s.client();
     r.write_at(&[0x42; 4096], 0, true).unwrap();
     s.stop();
     s.start();
@@ -261,7 +255,7 @@ fn reconnects_after_server_restart() {
 #[test]
 fn calls_fail_with_eio_while_the_server_is_down() {
     let mut s = Restartable::new();
-    let r = open(&nbd_unix(&s.sock), &OpenOptions::default()).unwrap();
+    let r = s.client();
     s.stop();
     let mut buf = vec![0u8; 4096];
     assert_eq!(errno_of(r.read_at(&mut buf, 0)), ErrorKind::Io(libc::EIO));
@@ -270,7 +264,7 @@ fn calls_fail_with_eio_while_the_server_is_down() {
 #[test]
 fn calls_work_again_once_the_server_is_back() {
     let mut s = Restartable::new();
-    let r = open(&nbd_unix(&s.sock), &OpenOptions::default()).unwrap();
+    let r = s.client();
     s.stop();
     let mut buf = vec![0u8; 4096];
     let _ = r.read_at(&mut buf, 0);

@@ -3,9 +3,10 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 
 use common::*;
-use quorum_config::model::{Backing, ImageFormat, NbdHost, Source, StorageSource};
+use quorum_config::model::{Backing, ImageFormat, NbdHost, StorageSource};
 use quorum_replica::{OpenError, OpenOptions, create, open, probe, probe_chain};
 use tempfile::TempDir;
 
@@ -13,20 +14,33 @@ fn open_err(src: &StorageSource) -> OpenError {
     open(src, &OpenOptions::default()).unwrap_err()
 }
 
-fn qemu_qcow2(dir: &TempDir, name: &str, opts: &[&str]) -> std::path::PathBuf {
+/// Asserts that opening `src` fails with a message containing every one of `needles`.
+fn assert_open_refused(src: &StorageSource, needles: &[&str]) {
+    let err = open_err(src).to_string();
+    assert!(needles.iter().all(|n| err.contains(n)), "{err}");
+}
+
+/// Asserts that some problem `probe_chain` reports for `src` contains every one of `needles`.
+fn assert_chain_problem(src: &StorageSource, needles: &[&str]) {
+    let problems = probe_chain(src);
+    assert!(
+        problems
+            .iter()
+            .any(|m| needles.iter().all(|n| m.contains(n))),
+        "{problems:?}"
+    );
+}
+
+fn qemu_qcow2(dir: &TempDir, name: &str, opts: &[&str]) -> PathBuf {
     let path = path_in(dir, name);
-    let mut args = vec!["create", "-f", "qcow2"];
-    args.extend_from_slice(opts);
-    args.extend_from_slice(&[p(&path), "1M"]);
-    run_ok("qemu-img", &args);
+    qemu_image(&path, "qcow2", opts, "1M", &[]);
     path
 }
 
-#[test]
-fn encrypted_qcow2_is_refused() {
-    let dir = TempDir::new().unwrap();
-    let path = qemu_qcow2(
-        &dir,
+/// A LUKS-encrypted qcow2 made by `qemu-img`.
+fn encrypted_qcow2(dir: &TempDir) -> PathBuf {
+    qemu_qcow2(
+        dir,
         "e.qcow2",
         &[
             "--object",
@@ -34,8 +48,13 @@ fn encrypted_qcow2_is_refused() {
             "-o",
             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         ],
-    );
-    let err = open_err(&qcow2(&path));
+    )
+}
+
+#[test]
+fn encrypted_qcow2_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let err = open_err(&qcow2(&encrypted_qcow2(&dir)));
     assert!(matches!(err, OpenError::Encrypted { .. }), "{err}");
 }
 
@@ -45,27 +64,21 @@ fn dirty_qcow2_is_refused_with_repair_hint() {
     let path = qemu_qcow2(&dir, "d.qcow2", &[]);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(&1u64.to_be_bytes(), 72).unwrap();
-    let err = open_err(&qcow2(&path)).to_string();
-    assert!(
-        err.contains("dirty") && err.contains("qemu-img check -r all"),
-        "{err}"
-    );
+    assert_open_refused(&qcow2(&path), &["dirty", "qemu-img check -r all"]);
 }
 
 #[test]
 fn extended_l2_qcow2_is_refused() {
     let dir = TempDir::new().unwrap();
     let path = qemu_qcow2(&dir, "x.qcow2", &["-o", "extended_l2=on"]);
-    let err = open_err(&qcow2(&path)).to_string();
-    assert!(err.contains("extended L2"), "{err}");
+    assert_open_refused(&qcow2(&path), &["extended L2"]);
 }
 
 #[test]
 fn zstd_qcow2_is_refused() {
     let dir = TempDir::new().unwrap();
     let path = qemu_qcow2(&dir, "z.qcow2", &["-o", "compression_type=zstd"]);
-    let err = open_err(&qcow2(&path)).to_string();
-    assert!(err.contains("zstd"), "{err}");
+    assert_open_refused(&qcow2(&path), &["zstd"]);
 }
 
 #[test]
@@ -78,36 +91,26 @@ fn raw_file_declared_qcow2_is_a_format_mismatch() {
 }
 
 fn nbd_tcp(format: ImageFormat, tls: Option<bool>) -> StorageSource {
-    StorageSource {
-        index: None,
-        format,
-        source: Source::Nbd {
-            export: None,
-            host: NbdHost::Tcp {
-                name: "localhost".into(),
-                port: 10809,
-            },
-            tls,
-        },
-        backing: Backing::Unspecified,
-    }
+    let host = NbdHost::Tcp {
+        name: "localhost".into(),
+        port: 10809,
+    };
+    nbd(format, host, tls)
 }
 
 #[test]
 fn nbd_with_tls_is_refused() {
-    let err = open_err(&nbd_tcp(ImageFormat::Raw, Some(true))).to_string();
-    assert!(
-        err.contains("TLS for NBD replicas is not supported yet"),
-        "{err}"
-    );
+    let src = nbd_tcp(ImageFormat::Raw, Some(true));
+    assert_open_refused(&src, &["TLS for NBD replicas is not supported yet"]);
 }
 
 #[test]
 fn qcow2_over_nbd_is_refused() {
-    let err = open_err(&nbd_tcp(ImageFormat::Qcow2, None)).to_string();
-    assert!(
-        err.contains("qcow2 over NBD is not supported; export the qcow2 with qemu-nbd -f qcow2 and declare it raw"),
-        "{err}"
+    assert_open_refused(
+        &nbd_tcp(ImageFormat::Qcow2, None),
+        &[
+            "qcow2 over NBD is not supported; export the qcow2 with qemu-nbd -f qcow2 and declare it raw",
+        ],
     );
 }
 
@@ -119,54 +122,38 @@ fn nbd_replicas_cannot_be_created() {
     assert!(err.contains("network replicas can't be created"), "{err}");
 }
 
-fn base_and_top(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (base, top) = (path_in(dir, "base.raw"), path_in(dir, "top.qcow2"));
-    run_ok("qemu-img", &["create", "-f", "raw", p(&base), "1M"]);
-    qemu_io("raw", &base, &["write -P 0x66 0 1M"]);
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&base),
-            "-F",
-            "raw",
-            p(&top),
-        ],
-    );
+/// A raw base of 1 MiB of 0x66 under a qcow2 top whose header names it by full path.
+fn base_and_top(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let base_data = ["write -P 0x66 0 1M"];
+    qemu_chain(dir, "raw", "1M", &base_data, BackingName::Absolute)
+}
+
+/// `base_and_top` with the base file then deleted.
+fn top_missing_base(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let (base, top) = base_and_top(dir);
+    std::fs::remove_file(&base).unwrap();
     (base, top)
+}
+
+/// `base_and_top` plus a 1 MiB `other.raw`; returns (base, other, top declared over other).
+fn chain_over_other(dir: &TempDir) -> (PathBuf, PathBuf, StorageSource) {
+    let (base, top) = base_and_top(dir);
+    let other = path_in(dir, "other.raw");
+    qemu_image(&other, "raw", &[], "1M", &[]);
+    (base, other.clone(), over(&top, raw(&other)))
 }
 
 #[test]
 fn xml_chain_differing_from_header_names_both() {
     let dir = TempDir::new().unwrap();
-    let (base, top) = base_and_top(&dir);
-    let other = path_in(&dir, "other.raw");
-    run_ok("qemu-img", &["create", "-f", "raw", p(&other), "1M"]);
-    let err = open_err(&over(&top, raw(&other))).to_string();
-    assert!(err.contains(p(&base)) && err.contains(p(&other)), "{err}");
+    let (base, other, chain) = chain_over_other(&dir);
+    assert_open_refused(&chain, &[p(&base), p(&other)]);
 }
 
 #[test]
 fn xml_chain_matches_header_through_a_relative_name() {
     let dir = TempDir::new().unwrap();
-    let (base, top) = (path_in(&dir, "base.raw"), path_in(&dir, "top.qcow2"));
-    run_ok("qemu-img", &["create", "-f", "raw", p(&base), "1M"]);
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&top),
-        ],
-    );
+    let (base, top) = qemu_chain(&dir, "raw", "1M", &[], BackingName::Relative);
     open(&over(&top, raw(&base)), &OpenOptions::default()).unwrap();
 }
 
@@ -197,10 +184,8 @@ fn chain_end_ignores_the_header_backing_file() {
 #[test]
 fn missing_backing_file_names_it() {
     let dir = TempDir::new().unwrap();
-    let (base, top) = base_and_top(&dir);
-    std::fs::remove_file(&base).unwrap();
-    let err = open_err(&qcow2(&top)).to_string();
-    assert!(err.contains(p(&base)), "{err}");
+    let (base, top) = top_missing_base(&dir);
+    assert_open_refused(&qcow2(&top), &[p(&base)]);
 }
 
 #[test]
@@ -264,53 +249,26 @@ fn probe_chain_reports_a_missing_file() {
 fn probe_chain_reports_a_format_mismatch() {
     let dir = TempDir::new().unwrap();
     let (base, top) = base_and_top(&dir);
-    let problems = probe_chain(&over(&top, qcow2(&base)));
-    assert!(
-        problems.iter().any(|p| p.contains("format qcow2")),
-        "{problems:?}"
-    );
+    assert_chain_problem(&over(&top, qcow2(&base)), &["format qcow2"]);
 }
 
 #[test]
 fn probe_chain_reports_a_differing_backing_file() {
     let dir = TempDir::new().unwrap();
-    let (_base, top) = base_and_top(&dir);
-    let other = path_in(&dir, "other.raw");
-    run_ok("qemu-img", &["create", "-f", "raw", p(&other), "1M"]);
-    let problems = probe_chain(&over(&top, raw(&other)));
-    assert!(
-        problems
-            .iter()
-            .any(|m| m.contains(p(&other)) && m.contains("header names")),
-        "{problems:?}"
-    );
+    let (_base, other, chain) = chain_over_other(&dir);
+    assert_chain_problem(&chain, &[p(&other), "header names"]);
 }
 
 #[test]
 fn probe_chain_reports_a_missing_header_backing_file() {
     let dir = TempDir::new().unwrap();
-    let (base, top) = base_and_top(&dir);
-    std::fs::remove_file(&base).unwrap();
-    let problems = probe_chain(&qcow2(&top));
-    assert!(
-        problems.iter().any(|m| m.contains(p(&base))),
-        "{problems:?}"
-    );
+    let (base, top) = top_missing_base(&dir);
+    assert_chain_problem(&qcow2(&top), &[p(&base)]);
 }
 
 #[test]
 fn probe_reports_refusal_of_encrypted_image() {
     let dir = TempDir::new().unwrap();
-    let path = qemu_qcow2(
-        &dir,
-        "e.qcow2",
-        &[
-            "--object",
-            "secret,id=s0,data=x",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-        ],
-    );
-    let info = probe(&qcow2(&path)).unwrap();
+    let info = probe(&qcow2(&encrypted_qcow2(&dir))).unwrap();
     assert!(info.refusal.unwrap().contains("encrypted"));
 }

@@ -6,18 +6,44 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use quorum_config::model::{Backing, ImageFormat, Source, StorageSource};
+use quorum_config::model::{Backing, ImageFormat, NbdHost, Source, StorageSource};
+use quorum_replica::{OpenError, OpenOptions, Replica, open};
 
-/// A file layer with the given format and backing.
-pub fn layer(path: &Path, format: ImageFormat, backing: Backing) -> StorageSource {
+/// A locked, buffered read-write open.
+pub const RW: OpenOptions = OpenOptions {
+    read_only: false,
+    direct: false,
+    no_locking: false,
+};
+
+/// A locked, buffered read-only open.
+pub const RO: OpenOptions = OpenOptions {
+    read_only: true,
+    direct: false,
+    no_locking: false,
+};
+
+/// A locked read-write open, with `O_DIRECT` if `direct`.
+pub fn rw(direct: bool) -> OpenOptions {
+    OpenOptions { direct, ..RW }
+}
+
+/// A top-level layer (no index) from its parts.
+fn storage(format: ImageFormat, source: Source, backing: Backing) -> StorageSource {
     StorageSource {
         index: None,
         format,
-        source: Source::File {
-            path: path.to_path_buf(),
-        },
+        source,
         backing,
     }
+}
+
+/// A file layer with the given format and backing.
+pub fn layer(path: &Path, format: ImageFormat, backing: Backing) -> StorageSource {
+    let source = Source::File {
+        path: path.to_path_buf(),
+    };
+    storage(format, source, backing)
 }
 
 pub fn qcow2(path: &Path) -> StorageSource {
@@ -32,6 +58,50 @@ pub fn over(top: &Path, below: StorageSource) -> StorageSource {
     layer(top, ImageFormat::Qcow2, Backing::Store(Box::new(below)))
 }
 
+/// An NBD layer (default export) declared with `format`, without backing.
+pub fn nbd(format: ImageFormat, host: NbdHost, tls: Option<bool>) -> StorageSource {
+    let source = Source::Nbd {
+        export: None,
+        host,
+        tls,
+    };
+    storage(format, source, Backing::Unspecified)
+}
+
+/// An XML layer for an NBD export on a unix socket (raw, default export).
+pub fn nbd_unix(socket: &Path) -> StorageSource {
+    let host = NbdHost::Unix {
+        socket: socket.to_path_buf(),
+    };
+    nbd(ImageFormat::Raw, host, None)
+}
+
+/// Open `src` read-only (see [`RO`]); panics on failure.
+pub fn open_ro(src: &StorageSource) -> Box<dyn Replica> {
+    open(src, &RO).unwrap()
+}
+
+/// `len` bytes read from `r` at `off`.
+pub fn read(r: &dyn Replica, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    r.read_at(&mut buf, off).unwrap();
+    buf
+}
+
+/// Asserts that `err` is a lock conflict.
+pub fn assert_locked(err: OpenError) {
+    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+}
+
+/// stdout followed by stderr, as text.
+fn combined(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Run a tool to completion; panics if it can't be started.
 pub fn run(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)
@@ -43,13 +113,56 @@ pub fn run(tool: &str, args: &[&str]) -> Output {
 /// Run a tool and require success.
 pub fn run_ok(tool: &str, args: &[&str]) -> String {
     let out = run(tool, args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = combined(&out);
     assert!(out.status.success(), "{tool} {args:?} failed: {text}");
     text
+}
+
+/// `qemu-img create -f <fmt> <opts...> <path> <size>`, then any `writes` via `qemu-io` (unchecked).
+pub fn qemu_image(path: &Path, fmt: &str, opts: &[&str], size: &str, writes: &[&str]) {
+    let mut args = vec!["create", "-f", fmt];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[p(path), size]);
+    run_ok("qemu-img", &args);
+    if !writes.is_empty() {
+        qemu_io(fmt, path, writes);
+    }
+}
+
+/// How a qemu-made overlay's header names its backing file.
+#[derive(Debug, Clone, Copy)]
+pub enum BackingName {
+    Absolute,
+    Relative,
+}
+
+/// qemu-made `dir/base.<fmt>` (see `qemu_image`) under `dir/top.qcow2`; returns (base, top).
+pub fn qemu_chain(
+    dir: &tempfile::TempDir,
+    fmt: &str,
+    size: &str,
+    writes: &[&str],
+    name: BackingName,
+) -> (PathBuf, PathBuf) {
+    let file = format!("base.{fmt}");
+    let (base, top) = (path_in(dir, &file), path_in(dir, "top.qcow2"));
+    qemu_image(&base, fmt, &[], size, writes);
+    let header_name = match name {
+        BackingName::Absolute => p(&base),
+        BackingName::Relative => file.as_str(),
+    };
+    let args = [
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        header_name,
+        "-F",
+        fmt,
+        p(&top),
+    ];
+    run_ok("qemu-img", &args);
+    (base, top)
 }
 
 /// `qemu-io` commands on an image; returns combined output and success.
@@ -59,16 +172,23 @@ pub fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) -> (bool, String) {
         args.push("-c");
         args.push(c);
     }
-    let p = path.to_str().unwrap();
-    args.push(p);
+    args.push(p(path));
     let out = run("qemu-io", &args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = combined(&out);
     let ok = out.status.success() && !text.contains("failed") && !text.contains("Error");
     (ok, text)
+}
+
+/// Asserts that all `qemu-io` commands `cmds` on the image succeed.
+pub fn assert_qemu_io_ok(fmt: &str, path: &Path, cmds: &[&str]) {
+    let (ok, out) = qemu_io(fmt, path, cmds);
+    assert!(ok, "{out}");
+}
+
+/// Asserts that a `qemu-io` write to the image fails on a lock.
+pub fn assert_qemu_io_write_locked_out(fmt: &str, path: &Path) {
+    let (ok, out) = qemu_io(fmt, path, &["write 0 512"]);
+    assert!(!ok && out.contains("lock"), "{out}");
 }
 
 /// A child process killed (by PID) and reaped on drop.
@@ -79,6 +199,16 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Spawn `cmd` quietly (stdout, stderr discarded) under a guard; panics if it can't start.
+fn spawn_quiet(tool: &str, cmd: &mut Command) -> ChildGuard {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool} is required for this test and could not be run: {e}"));
+    ChildGuard(child)
 }
 
 /// Whether any OFD lock is held on `path` (per /proc/locks).
@@ -100,29 +230,16 @@ pub fn hold_with_qemu_io(fmt: &str, path: &Path, read_only: bool) -> ChildGuard 
     if read_only {
         cmd.arg("-r");
     }
-    let child = cmd
-        .arg(path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io is required for this test");
-    let guard = ChildGuard(child);
+    let guard = spawn_quiet("qemu-io", cmd.arg(path).stdin(Stdio::piped()));
     wait_until(|| has_locks(path));
     guard
 }
 
 /// Start `qemu-nbd` serving `path` on a unix socket; wait for the socket.
 pub fn hold_with_qemu_nbd(fmt: &str, path: &Path, socket: &Path) -> ChildGuard {
-    let child = Command::new("qemu-nbd")
-        .args(["-f", fmt, "-k"])
-        .arg(socket)
-        .arg(path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd is required for this test");
-    let guard = ChildGuard(child);
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", fmt, "-k"]).arg(socket).arg(path);
+    let guard = spawn_quiet("qemu-nbd", &mut cmd);
     wait_until(|| socket.exists() && has_locks(path));
     guard
 }
@@ -150,13 +267,7 @@ pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
 /// Start a tool and wait (bounded) for it to exit; `None` if it kept
 /// running for 10 s (it is then killed by the guard).
 pub fn exit_status_within(tool: &str, args: &[&str]) -> Option<std::process::ExitStatus> {
-    let child = Command::new(tool)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{tool} is required for this test and could not be run: {e}"));
-    let mut guard = ChildGuard(child);
+    let mut guard = spawn_quiet(tool, Command::new(tool).args(args));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = guard.0.try_wait().unwrap() {
@@ -169,22 +280,6 @@ pub fn exit_status_within(tool: &str, args: &[&str]) -> Option<std::process::Exi
     }
 }
 
-/// An XML layer for an NBD export on a unix socket (raw, default export).
-pub fn nbd_unix(socket: &Path) -> StorageSource {
-    StorageSource {
-        index: None,
-        format: ImageFormat::Raw,
-        source: Source::Nbd {
-            export: None,
-            host: quorum_config::model::NbdHost::Unix {
-                socket: socket.to_path_buf(),
-            },
-            tls: None,
-        },
-        backing: Backing::Unspecified,
-    }
-}
-
 /// Wait (bounded) until a unix socket accepts connections.
 pub fn wait_for_socket(socket: &Path) {
     wait_until(|| std::os::unix::net::UnixStream::connect(socket).is_ok());
@@ -193,15 +288,11 @@ pub fn wait_for_socket(socket: &Path) {
 /// `qemu-nbd` serving a raw file on a unix socket, persistent (`-t`) and
 /// with discard passed through; waits until the socket accepts.
 pub fn serve_qemu_nbd(path: &Path, socket: &Path) -> ChildGuard {
-    let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-t", "--discard=unmap", "-k"])
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-f", "raw", "-t", "--discard=unmap", "-k"])
         .arg(socket)
-        .arg(path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd is required for this test");
-    let guard = ChildGuard(child);
+        .arg(path);
+    let guard = spawn_quiet("qemu-nbd", &mut cmd);
     wait_for_socket(socket);
     guard
 }
@@ -214,17 +305,13 @@ pub fn serve_nbdkit(dir: &tempfile::TempDir, socket: &Path, args: &[&str]) -> Ch
         socket.file_name().unwrap().to_string_lossy()
     ));
     let _ = std::fs::remove_file(&pid);
-    let child = Command::new("nbdkit")
-        .args(["-f", "--exit-with-parent", "-U"])
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["-f", "--exit-with-parent", "-U"])
         .arg(socket)
         .arg("-P")
         .arg(&pid)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nbdkit is required for this test");
-    let guard = ChildGuard(child);
+        .args(args);
+    let guard = spawn_quiet("nbdkit", &mut cmd);
     wait_until(|| std::fs::metadata(&pid).is_ok_and(|m| m.len() > 0));
     guard
 }
