@@ -193,11 +193,26 @@ where
                         let guard = export.order.register(h.offset, h.length.into(), true);
                         if guard.is_ready() {
                             let piece = ctx.config.write_piece;
-                            let stream =
-                                stream_write(h, &mut buf, &mut rd, backend, &export.buffers, piece);
+                            let mut stream = std::pin::pin!(stream_write(
+                                h,
+                                &mut buf,
+                                &mut rd,
+                                backend,
+                                &export.buffers,
+                                piece
+                            ));
                             let result = tokio::select! {
-                                _ = ctx.shutdown.cancelled() => break 'outer End::Clean,
-                                r = stream => r,
+                                biased;
+                                _ = ctx.shutdown.cancelled() => {
+                                    // Part of it may be on the replicas already:
+                                    // finish it while the client keeps sending.
+                                    let grace = ctx.config.shutdown_grace;
+                                    match tokio::time::timeout(grace, stream).await {
+                                        Ok(r) => r,
+                                        Err(_) => break 'outer End::Hard,
+                                    }
+                                }
+                                r = &mut stream => r,
                             };
                             let reply = match result {
                                 Ok(Ok(())) => ok_reply(&h),
@@ -359,7 +374,8 @@ async fn read_payload<R: AsyncRead + Unpin>(
 /// client). The outer error is the socket's; after a failed piece the rest
 /// is read and dropped and the write fails as a whole, like any write that
 /// failed part-way. A client that leaves mid-payload may leave part of an
-/// unacknowledged write on the replicas, as a crash mid-write would.
+/// unacknowledged write on the replicas, as a crash mid-write would; on
+/// shutdown the driver finishes a streamed write rather than cut it short.
 async fn stream_write<R: AsyncRead + Unpin>(
     h: RequestHeader,
     buf: &mut BytesMut,

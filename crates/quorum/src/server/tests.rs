@@ -619,6 +619,14 @@ fn large_zero_copy_reads_pipeline_and_all_arrive_whole() {
 /// A fast backend reporting each write, on a server that streams inline
 /// writes in 16 KiB pieces.
 fn streaming(fail_writes_over: Option<u64>) -> (TestServer, std_mpsc::Receiver<(u64, usize)>) {
+    streaming_in(fail_writes_over, 16 * 1024)
+}
+
+/// As [`streaming`], with pieces of at least `piece` bytes.
+fn streaming_in(
+    fail_writes_over: Option<u64>,
+    piece: usize,
+) -> (TestServer, std_mpsc::Receiver<(u64, usize)>) {
     let (tx, rx) = std_mpsc::channel();
     let b = MemBackend {
         fast: AtomicBool::new(true),
@@ -627,7 +635,7 @@ fn streaming(fail_writes_over: Option<u64>) -> (TestServer, std_mpsc::Receiver<(
         ..MemBackend::new(false)
     };
     let config = ServerConfig {
-        write_piece: 16 * 1024,
+        write_piece: piece,
         ..ServerConfig::default()
     };
     (TestServer::start_config(b, config), rx)
@@ -709,6 +717,27 @@ fn client_leaving_mid_streamed_write_leaves_its_range_free() {
 
     assert_eq!(other.write(0, &[9; 128 * 1024], 0), Ok(()));
     assert_eq!(other.read(0, 128 * 1024), Ok(vec![9; 128 * 1024]));
+}
+
+#[test]
+fn shutdown_during_a_streamed_write_finishes_it() {
+    let (mut s, writes) = streaming_in(None, 4096);
+    let mut c = RawClient::connect(s.path(), "rw");
+    let data = pattern(128 * 1024);
+    c.send(Command::Write, 0, 0, 128 * 1024, &data[..64 * 1024]);
+    // Once all that was sent is written, the server waits for the rest.
+    let mut written = 0;
+    while written < 64 * 1024 {
+        written += seen(&writes).1;
+    }
+
+    s.token.cancel();
+    c.send_raw(&data[64 * 1024..]);
+    let reply = c.full_reply();
+
+    assert_eq!(error_of(&reply), 0);
+    assert!(s.stop().is_ok());
+    assert_eq!(s.rw.data.lock().unwrap()[..128 * 1024], data[..]);
 }
 
 #[test]
