@@ -681,6 +681,45 @@ fn inline_large_write_reaches_the_backend_while_its_payload_arrives() {
 }
 
 #[test]
+fn streamed_writes_in_ragged_fragments_at_unaligned_offsets_land_whole() {
+    let (s, writes) = streaming_in(None, 4096);
+    let mut c = RawClient::connect(s.path(), "rw");
+    let mut want = vec![0u8; SIZE as usize];
+    let mut seed = 0x9e37_79b9_u64;
+    let mut next = |n: u64| {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (seed >> 33) % n
+    };
+    for round in 0..24u8 {
+        let len = 64 * 1024 + next(64 * 1024) as usize;
+        let off = next(SIZE - len as u64);
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ round)
+            .collect();
+        // Enough for one whole aligned page, so a first piece goes out
+        // before the rest is sent.
+        let first = 8192 + next(len as u64 - 8192) as usize;
+        c.send(Command::Write, 0, off, len as u32, &data[..first]);
+        let (at0, n0) = seen(&writes);
+        assert!(
+            at0 == off && n0 <= first && (at0 + n0 as u64).is_multiple_of(4096),
+            "round {round}: first piece {at0}+{n0} is not an aligned prefix of what was sent"
+        );
+        let mut at = first;
+        while at < len {
+            let n = (1 + next(20_000) as usize).min(len - at);
+            c.send_raw(&data[at..at + n]);
+            at += n;
+        }
+        assert_eq!(error_of(&c.full_reply()), 0, "round {round}");
+        while writes.try_recv().is_ok() {}
+        want[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+
+    assert!(*s.rw.data.lock().unwrap() == want);
+}
+
+#[test]
 fn failed_piece_fails_the_whole_write_and_the_connection_goes_on() {
     let (s, writes) = streaming(Some(64 * 1024));
     let mut c = RawClient::connect(s.path(), "rw");
