@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::order::OrderGuard;
-use super::pool::BufferPool;
+use super::pool::{BufferPool, PooledBuf};
 use super::sendfile::{ReplySocket, send_region};
 use super::{ExportState, ServerConfig, ZeroCopy, nbd_error};
 
@@ -192,35 +192,11 @@ where
                     if check_request(&h, &info).is_ok() && runs_inline(&h, backend) {
                         let guard = export.order.register(h.offset, h.length.into(), true);
                         if guard.is_ready() {
-                            let piece = ctx.config.write_piece;
-                            let mut stream = std::pin::pin!(stream_write(
-                                h,
-                                &mut buf,
-                                &mut rd,
-                                backend,
-                                &export.buffers,
-                                piece
-                            ));
-                            let result = tokio::select! {
-                                biased;
-                                _ = ctx.shutdown.cancelled() => {
-                                    // Part of it may be on the replicas already:
-                                    // finish it while the client keeps sending.
-                                    let grace = ctx.config.shutdown_grace;
-                                    match tokio::time::timeout(grace, stream).await {
-                                        Ok(r) => r,
-                                        Err(_) => break 'outer End::Hard,
-                                    }
-                                }
-                                r = &mut stream => r,
-                            };
-                            let reply = match result {
-                                Ok(Ok(())) => ok_reply(&h),
-                                Ok(Err(e)) => error_reply(&h, &info, nbd_error(e), None),
-                                Err(e) => {
-                                    debug!(conn = ctx.id, error = %e, "client left mid-write");
-                                    break 'outer End::Hard;
-                                }
+                            let streamed =
+                                streamed_write(&ctx, export, h, &info, &mut buf, &mut rd);
+                            let reply = match streamed.await {
+                                Ok(reply) => reply,
+                                Err(end) => break 'outer end,
                             };
                             drop(guard);
                             let _ = tx.send(Outgoing {
@@ -354,17 +330,68 @@ async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
     buffers: &Arc<BufferPool>,
 ) -> std::io::Result<Request> {
-    let len = h.length as usize;
-    let mut payload = buffers.get(len);
-    let dst = payload.as_mut_slice();
-    let have = buf.len().min(len);
-    dst[..have].copy_from_slice(&buf[..have]);
-    buf.advance(have);
-    rd.read_exact(&mut dst[have..]).await?;
+    let (mut payload, have) = start_payload(&h, buf, buffers);
+    rd.read_exact(&mut payload.as_mut_slice()[have..]).await?;
     Ok(Request {
         header: h,
         payload: Bytes::from_owner(payload),
     })
+}
+
+/// A pooled buffer for `h`'s payload holding what `buf` already had of it
+/// (consumed from `buf`), and how many bytes that was.
+fn start_payload(
+    h: &RequestHeader,
+    buf: &mut BytesMut,
+    buffers: &Arc<BufferPool>,
+) -> (PooledBuf, usize) {
+    let len = h.length as usize;
+    let mut payload = buffers.get(len);
+    let have = buf.len().min(len);
+    payload.as_mut_slice()[..have].copy_from_slice(&buf[..have]);
+    buf.advance(have);
+    (payload, have)
+}
+
+/// Stream the large write `h`, whose range is registered and free, and
+/// build its reply; `Err` says how the connection must end. On shutdown a
+/// write already under way is finished while the client keeps sending
+/// (part of it may be on the replicas), within the grace period.
+async fn streamed_write<R: AsyncRead + Unpin>(
+    ctx: &ConnCtx,
+    export: &ExportState,
+    h: RequestHeader,
+    info: &TransmissionInfo,
+    buf: &mut BytesMut,
+    rd: &mut R,
+) -> Result<Outgoing, End> {
+    let stream = stream_write(
+        h,
+        buf,
+        rd,
+        &*export.backend,
+        &export.buffers,
+        ctx.config.write_piece,
+    );
+    let mut stream = std::pin::pin!(stream);
+    let result = tokio::select! {
+        biased;
+        _ = ctx.shutdown.cancelled() => {
+            match tokio::time::timeout(ctx.config.shutdown_grace, stream).await {
+                Ok(r) => r,
+                Err(_) => return Err(End::Hard),
+            }
+        }
+        r = &mut stream => r,
+    };
+    match result {
+        Ok(Ok(())) => Ok(ok_reply(&h)),
+        Ok(Err(e)) => Ok(error_reply(&h, info, nbd_error(e), None)),
+        Err(e) => {
+            debug!(conn = ctx.id, error = %e, "client left mid-write");
+            Err(End::Hard)
+        }
+    }
 }
 
 /// Receive `h`'s payload and write it out while it arrives, in page-aligned
@@ -374,8 +401,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
 /// client). The outer error is the socket's; after a failed piece the rest
 /// is read and dropped and the write fails as a whole, like any write that
 /// failed part-way. A client that leaves mid-payload may leave part of an
-/// unacknowledged write on the replicas, as a crash mid-write would; on
-/// shutdown the driver finishes a streamed write rather than cut it short.
+/// unacknowledged write on the replicas, as a crash mid-write would.
 async fn stream_write<R: AsyncRead + Unpin>(
     h: RequestHeader,
     buf: &mut BytesMut,
@@ -386,11 +412,8 @@ async fn stream_write<R: AsyncRead + Unpin>(
 ) -> std::io::Result<Result<(), i32>> {
     const PAGE: u64 = 4096;
     let len = h.length as usize;
-    let mut payload = buffers.get(len);
+    let (mut payload, mut have) = start_payload(&h, buf, buffers);
     let dst = payload.as_mut_slice();
-    let mut have = buf.len().min(len);
-    dst[..have].copy_from_slice(&buf[..have]);
-    buf.advance(have);
     let (mut done, mut result) = (0, Ok(()));
     while done < len {
         let end = if have == len {
