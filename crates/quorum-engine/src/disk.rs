@@ -661,22 +661,15 @@ impl Disk {
         let mut out = Vec::new();
         match &voted.verdict {
             Verdict::Agreed { blocks, failed } => {
-                assemble(buf_slice, blocks, &voted.extra);
-                let rewrite_failed = if repair {
-                    self.rewrite(offset, buf_slice, blocks, None)
-                } else {
-                    0
-                };
-                for b in blocks.iter().filter(|b| b.dissent != 0) {
-                    out.push(Divergence {
-                        offset: offset + b.start as u64,
-                        length: b.len as u64,
-                        bad: b.dissent,
-                        failed: *failed,
-                        has_quorum: true,
-                        repaired: repair && b.dissent & rewrite_failed == 0,
-                    });
-                }
+                self.settle_scrub(
+                    offset,
+                    buf_slice,
+                    &voted.extra,
+                    blocks,
+                    *failed,
+                    repair,
+                    &mut out,
+                );
                 if *failed != 0 && out.is_empty() {
                     out.push(Divergence {
                         offset,
@@ -689,7 +682,10 @@ impl Disk {
                 }
             }
             Verdict::NoQuorum {
-                failed, undecided, ..
+                failed,
+                undecided,
+                decided,
+                ..
             } => {
                 let all: Mask = (1 << self.slots.len()) - 1;
                 let ranges = if undecided.is_empty() {
@@ -707,10 +703,18 @@ impl Disk {
                         repaired: false,
                     });
                 }
-                // Blocks that do have a majority can still be repaired.
-                if repair && !undecided.is_empty() {
-                    self.repair_decided(offset, buf_slice, &voted, undecided, &mut out);
-                }
+                // Blocks that do have a majority are reported (and repaired)
+                // like those of an agreed range.
+                self.settle_scrub(
+                    offset,
+                    buf_slice,
+                    &voted.extra,
+                    decided,
+                    *failed,
+                    repair,
+                    &mut out,
+                );
+                out.sort_by_key(|d| d.offset);
             }
         }
         for b in voted.extra {
@@ -720,53 +724,42 @@ impl Disk {
         Ok(out)
     }
 
-    /// In a range that failed as a whole, re-vote and repair the blocks that
-    /// have a majority on their own.
-    fn repair_decided(
+    /// Report the dissenting blocks of a scrubbed range that have a winner,
+    /// rewriting the losers first with `repair`. `buf` holds replica 0's
+    /// copy and `extra` the others'.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_scrub(
         &self,
         offset: u64,
         buf: &mut [u8],
-        voted: &Voted,
-        undecided: &[(usize, usize)],
+        extra: &[AlignedBuf],
+        blocks: &[BlockVote],
+        failed: Mask,
+        repair: bool,
         out: &mut Vec<Divergence>,
     ) {
-        let mut at = 0;
-        let mut decided = Vec::new();
-        for &(s, l) in undecided {
-            if s > at {
-                decided.push((at, s - at));
-            }
-            at = s + l;
+        if blocks.iter().all(|b| b.dissent == 0) {
+            return;
         }
-        if at < buf.len() {
-            decided.push((at, buf.len() - at));
-        }
-        for (s, l) in decided {
-            let sub_off = offset + s as u64;
-            let mut sub: Vec<&[u8]> = vec![&buf[s..s + l]];
-            sub.extend(voted.extra.iter().map(|e| &e[s..s + l]));
-            let copies: Vec<Copy<'_>> = sub.into_iter().map(Copy::Data).collect();
-            if let Verdict::Agreed { blocks, .. } =
-                vote_read(&copies, self.opts.threshold, sub_off, self.opts.granularity)
-            {
-                let mut data = buf[s..s + l].to_vec();
-                let extra: Vec<Vec<u8>> =
-                    voted.extra.iter().map(|e| e[s..s + l].to_vec()).collect();
-                assemble(&mut data, &blocks, &extra);
-                let failed = self.rewrite(sub_off, &data, &blocks, None);
-                for b in blocks.iter().filter(|b| b.dissent != 0) {
-                    out.push(Divergence {
-                        offset: sub_off + b.start as u64,
-                        length: b.len as u64,
-                        bad: b.dissent,
-                        failed: 0,
-                        has_quorum: true,
-                        repaired: b.dissent & failed == 0,
-                    });
-                }
-            }
-        }
-        out.sort_by_key(|d| d.offset);
+        assemble(buf, blocks, extra);
+        let rewrite_failed = if repair {
+            self.rewrite(offset, buf, blocks, None)
+        } else {
+            0
+        };
+        out.extend(
+            blocks
+                .iter()
+                .filter(|b| b.dissent != 0)
+                .map(|b| Divergence {
+                    offset: offset + b.start as u64,
+                    length: b.len as u64,
+                    bad: b.dissent,
+                    failed,
+                    has_quorum: true,
+                    repaired: repair && b.dissent & rewrite_failed == 0,
+                }),
+        );
     }
 
     /// Flush every replica (best effort, for shutdown); returns the failures.

@@ -564,6 +564,30 @@ fn scrub_never_repairs_blocks_without_quorum() {
 }
 
 #[test]
+fn scrub_without_repair_reports_repairable_blocks_beside_a_block_without_quorum() {
+    // One scrub step: block 0 has three versions, block 16 has a majority.
+    let h = Harness::quorum(3, 2);
+    h.corrupt(0, 0, 4096, 0x11);
+    h.corrupt(1, 0, 4096, 0x22);
+    h.corrupt(2, 65536, 10, 0x33);
+    let d = h.disk.scrub(0, SIZE, false).unwrap();
+    let got: Vec<_> = d
+        .iter()
+        .map(|d| (d.offset, d.length, d.bad, d.has_quorum, d.repaired))
+        .collect();
+    assert_eq!(
+        (got, h.replica_bytes(2, 65536, 1)),
+        (
+            vec![
+                (0, 4096, 0b111, false, false),
+                (65536, 4096, 0b100, true, false)
+            ],
+            vec![0x33]
+        )
+    );
+}
+
+#[test]
 fn concurrent_overlapping_writes_leave_replicas_identical() {
     let h = Harness::quorum(3, 3);
     h.plans[1].delay(Op::Write, 0..SIZE, std::time::Duration::from_micros(200));

@@ -73,6 +73,10 @@ pub enum Verdict {
         failed: Mask,
         /// Blocks without a winner (empty when too few reads succeeded).
         undecided: Vec<(usize, usize)>,
+        /// The blocks that do have a winner, as in [`Verdict::Agreed`]
+        /// (empty when too few reads succeeded): a scrub reports and
+        /// repairs them even though the request as a whole fails.
+        decided: Vec<BlockVote>,
     },
 }
 
@@ -123,6 +127,7 @@ pub fn vote_read(
             errno,
             failed,
             undecided: Vec::new(),
+            decided: Vec::new(),
         };
     }
     let len = ok[0].1.len();
@@ -174,6 +179,7 @@ pub fn vote_read(
             errno: EIO,
             failed,
             undecided,
+            decided: blocks,
         }
     }
 }

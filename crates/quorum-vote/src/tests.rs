@@ -54,7 +54,8 @@ fn three_versions_at_threshold_two_is_eio() {
         Verdict::NoQuorum {
             errno: EIO,
             failed: 0,
-            undecided: vec![(0, 4096)]
+            undecided: vec![(0, 4096)],
+            decided: vec![]
         }
     );
 }
@@ -75,6 +76,33 @@ fn scattered_corruption_wins_per_block_but_fails_per_request() {
         vote_read(&data(&bufs), 2, 0, Granularity::Request),
         Verdict::NoQuorum { errno: EIO, .. }
     ));
+}
+
+#[test]
+fn no_quorum_still_names_the_decided_blocks_and_their_dissenters() {
+    // Block 0: three versions (undecided). Block 1: replica 1 outvoted.
+    let mut r0 = vec![7u8; 8192];
+    let mut r1 = vec![7u8; 8192];
+    let mut r2 = vec![7u8; 8192];
+    r0[..4096].fill(1);
+    r1[..4096].fill(2);
+    r2[..4096].fill(3);
+    r1[4096..].fill(9);
+    let v = vote_read(&data(&[r0, r1, r2]), 2, 0, B);
+    assert_eq!(
+        v,
+        Verdict::NoQuorum {
+            errno: EIO,
+            failed: 0,
+            undecided: vec![(0, 4096)],
+            decided: vec![BlockVote {
+                start: 4096,
+                len: 4096,
+                source: 0,
+                dissent: 0b010
+            }]
+        }
+    );
 }
 
 #[test]
@@ -123,7 +151,8 @@ fn failed_reads_below_threshold_vote_on_errno() {
         Verdict::NoQuorum {
             errno: 28,
             failed: 0b111,
-            undecided: vec![]
+            undecided: vec![],
+            decided: vec![]
         }
     );
 }
