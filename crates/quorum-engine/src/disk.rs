@@ -2,11 +2,13 @@
 //! read vote, the write/flush threshold rule, and rewrite-corrupted.
 
 use std::fmt;
+use std::sync::Arc;
 
 use quorum_replica::{Extent, FileRegion, Replica, ReplicaError};
 use quorum_vote::{BlockVote, Copy, Granularity, Mask, Verdict, vote_read, vote_status};
 
-use crate::events::{Counters, Event, EventBus, OpType, ReplicaStats, sectors};
+use crate::events::{Counters, Event, OpType, ReplicaStats, sectors};
+use crate::membership::{self, Members, Reopen, ReplicaState, Slot};
 use crate::pool::{AlignedBuf, BufPool};
 use crate::range_lock::RangeLock;
 
@@ -88,19 +90,38 @@ pub fn strerror(errno: i32) -> String {
         .to_owned()
 }
 
-#[derive(Debug)]
-struct Slot {
-    name: String,
-    replica: Box<dyn Replica>,
-    counters: Counters,
+/// One replica as [`Disk::assemble`] takes it: opened, or not (yet).
+pub struct Member {
+    /// Node name in events (`replica-0`, ...).
+    pub name: String,
+    /// The opened replica, or why it could not be opened.
+    pub replica: Result<Box<dyn Replica>, String>,
+    /// How to open it again later (for one that could not be opened).
+    pub reopen: Option<Reopen>,
+}
+
+impl fmt::Debug for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Member")
+            .field("name", &self.name)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Results of one request on every replica, and which were not asked.
+struct FanOut<T> {
+    results: Vec<Result<T, ReplicaError>>,
+    /// Failed replicas the request went without.
+    skipped: Mask,
 }
 
 /// One virtual disk over N replicas.
 pub struct Disk {
-    slots: Vec<Slot>,
+    /// Replicas, their states and the event bus, shared with retry threads.
+    members: Arc<Members>,
     opts: Options,
     size: u64,
-    events: EventBus,
     ranges: RangeLock,
     pool: BufPool,
     workers: rayon::ThreadPool,
@@ -116,7 +137,7 @@ pub struct Disk {
 impl fmt::Debug for Disk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Disk")
-            .field("slots", &self.slots)
+            .field("members", &self.members)
             .field("opts", &self.opts)
             .finish()
     }
@@ -142,6 +163,21 @@ pub enum BuildError {
     /// Threshold, replica count or options do not fit together.
     #[error("{0}")]
     Invalid(String),
+    /// Fewer replicas could be opened than the threshold needs.
+    #[error(
+        "only {usable} of {total} replicas can be used, but threshold {threshold} needs {threshold}:{}",
+        missing.iter().map(|(n, why)| format!("\n  {n}: {why}")).collect::<String>()
+    )]
+    TooFew {
+        /// Replicas that opened.
+        usable: usize,
+        /// Replicas in the disk.
+        total: usize,
+        /// The threshold.
+        threshold: usize,
+        /// The others, and why each could not be opened.
+        missing: Vec<(String, String)>,
+    },
 }
 
 /// Outcome of reading and voting one range (shared by reads and scrub).
@@ -173,7 +209,22 @@ impl Disk {
         replicas: Vec<(String, Box<dyn Replica>)>,
         opts: Options,
     ) -> Result<Disk, BuildError> {
-        let n = replicas.len();
+        let members = replicas
+            .into_iter()
+            .map(|(name, replica)| Member {
+                name,
+                replica: Ok(replica),
+                reopen: None,
+            })
+            .collect();
+        Disk::assemble(members, opts)
+    }
+
+    /// Assemble a disk of which some replicas may not have opened: it runs
+    /// degraded when at least `threshold` did, and retries the others in
+    /// the background (see [`crate::membership`]).
+    pub fn assemble(members: Vec<Member>, opts: Options) -> Result<Disk, BuildError> {
+        let n = members.len();
         if n == 0 || n > quorum_vote::MAX_REPLICAS {
             return Err(BuildError::Invalid(format!(
                 "a quorum needs 1 to {} replicas, got {n}",
@@ -191,13 +242,33 @@ impl Disk {
                 "blkverify needs exactly 2 replicas and threshold 2".into(),
             ));
         }
-        let size = replicas[0].1.size();
-        for (name, r) in &replicas[1..] {
-            if r.size() != size {
+        let opened: Vec<(&str, u64)> = members
+            .iter()
+            .filter_map(|m| m.replica.as_ref().ok().map(|r| (m.name.as_str(), r.size())))
+            .collect();
+        if opened.len() < opts.threshold {
+            return Err(BuildError::TooFew {
+                usable: opened.len(),
+                total: n,
+                threshold: opts.threshold,
+                missing: members
+                    .iter()
+                    .filter_map(|m| {
+                        m.replica
+                            .as_ref()
+                            .err()
+                            .map(|e| (m.name.clone(), e.clone()))
+                    })
+                    .collect(),
+            });
+        }
+        let (first_name, size) = opened[0];
+        for &(name, s) in &opened[1..] {
+            if s != size {
                 return Err(BuildError::SizeMismatch {
-                    name: name.clone(),
-                    size: r.size(),
-                    first_name: replicas[0].0.clone(),
+                    name: name.to_owned(),
+                    size: s,
+                    first_name: first_name.to_owned(),
                     first_size: size,
                 });
             }
@@ -207,20 +278,20 @@ impl Disk {
             .thread_name(|i| format!("quorum-io-{i}"))
             .build()
             .map_err(|e| BuildError::Invalid(format!("cannot start I/O threads: {e}")))?;
-        let remote = replicas.iter().any(|(_, r)| r.is_remote());
-        let slots = replicas
+        let remote = members
+            .iter()
+            .any(|m| m.replica.as_ref().is_ok_and(|r| r.is_remote()));
+        let slots = members
             .into_iter()
-            .map(|(name, replica)| Slot {
-                name,
-                replica,
-                counters: Counters::default(),
+            .map(|m| match m.replica {
+                Ok(r) => Slot::new(m.name, r),
+                Err(why) => Slot::missing(m.name, size, why, m.reopen),
             })
             .collect();
         Ok(Disk {
-            slots,
+            members: Members::new(slots, size),
             opts,
             size,
-            events: EventBus::default(),
             ranges: RangeLock::default(),
             pool: BufPool::default(),
             workers,
@@ -234,14 +305,33 @@ impl Disk {
         self.size
     }
 
+    fn slots(&self) -> &[Slot] {
+        &self.members.slots
+    }
+
     /// Number of replicas.
     pub fn replica_count(&self) -> usize {
-        self.slots.len()
+        self.slots().len()
     }
 
     /// Node names of the replicas, in order.
     pub fn replica_names(&self) -> Vec<&str> {
-        self.slots.iter().map(|s| s.name.as_str()).collect()
+        self.slots().iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// Each replica's state, in order.
+    pub fn replica_states(&self) -> Vec<ReplicaState> {
+        self.slots().iter().map(Slot::state).collect()
+    }
+
+    /// The replicas that are failed now: index, node name and why.
+    pub fn failed_replicas(&self) -> Vec<(usize, String, String)> {
+        self.slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_up())
+            .map(|(i, s)| (i, s.name.clone(), s.reason()))
+            .collect()
     }
 
     /// The options the disk runs with.
@@ -251,12 +341,12 @@ impl Disk {
 
     /// Receive every event from now on (nothing is merged or dropped).
     pub fn subscribe(&self) -> std::sync::mpsc::Receiver<Event> {
-        self.events.subscribe()
+        self.members.events.subscribe()
     }
 
     /// Exact per-replica counters.
     pub fn stats(&self) -> Vec<ReplicaStats> {
-        self.slots
+        self.slots()
             .iter()
             .map(|s| s.counters.snapshot(&s.name))
             .collect()
@@ -286,42 +376,75 @@ impl Disk {
         self.check_range(op, offset, len)
     }
 
-    /// Run `f` on every replica; in parallel on the worker pool when asked.
-    fn fan_out<T: Send>(&self, parallel: bool, f: impl Fn(usize, &Slot) -> T + Sync) -> Vec<T> {
+    /// Run `f` on every replica that is up; in parallel on the worker pool
+    /// when asked. Failed replicas are not asked: their result is an error
+    /// and their bit is set in `skipped`. A replica whose error says it
+    /// cannot be reached is failed from now on.
+    fn fan_out<T: Send>(
+        &self,
+        op: &'static str,
+        parallel: bool,
+        f: impl Fn(usize, &dyn Replica) -> Result<T, ReplicaError> + Sync,
+    ) -> FanOut<T> {
+        let slots = self.slots();
+        let skipped: Mask = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_up())
+            .fold(0, |m, (i, _)| m | 1 << i);
+        let call = |i: usize, s: &Slot| {
+            if skipped & (1 << i) != 0 {
+                Counters::add(&s.counters.skipped, 1);
+                return Err(s.skipped_error(op));
+            }
+            f(i, &*s.replica())
+        };
+        let asked = slots.len() - skipped.count_ones() as usize;
         // Remote replicas always go in parallel; nothing does on one CPU.
-        let parallel = (parallel || self.remote) && self.parallel;
-        if !parallel || self.slots.len() == 1 {
-            return self
-                .slots
-                .iter()
-                .enumerate()
-                .map(|(i, s)| f(i, s))
-                .collect();
+        let parallel = (parallel || self.remote) && self.parallel && asked > 1;
+        let results: Vec<Result<T, ReplicaError>> = if !parallel {
+            slots.iter().enumerate().map(|(i, s)| call(i, s)).collect()
+        } else {
+            let mut out: Vec<Option<Result<T, ReplicaError>>> =
+                (0..slots.len()).map(|_| None).collect();
+            let call = &call;
+            self.workers.scope(|scope| {
+                let mut first = None;
+                for (i, (o, s)) in out.iter_mut().zip(slots).enumerate() {
+                    if skipped & (1 << i) != 0 {
+                        *o = Some(call(i, s));
+                    } else if first.is_none() {
+                        first = Some((i, o, s));
+                    } else {
+                        scope.spawn(move |_| *o = Some(call(i, s)));
+                    }
+                }
+                if let Some((i, o, s)) = first {
+                    *o = Some(call(i, s));
+                }
+            });
+            out.into_iter()
+                .map(|o| o.expect("every replica ran"))
+                .collect()
+        };
+        for (i, r) in results.iter().enumerate() {
+            if skipped & (1 << i) == 0
+                && let Err(e) = r
+                && membership::is_unreachable(e)
+            {
+                self.members.fail(i, e);
+            }
         }
-        let mut out: Vec<Option<T>> = (0..self.slots.len()).map(|_| None).collect();
-        let f = &f;
-        self.workers.scope(|scope| {
-            let mut iter = out.iter_mut().zip(&self.slots).enumerate();
-            let first = iter.next();
-            for (i, (o, s)) in iter {
-                scope.spawn(move |_| *o = Some(f(i, s)));
-            }
-            if let Some((i, (o, s))) = first {
-                *o = Some(f(i, s));
-            }
-        });
-        out.into_iter()
-            .map(|o| o.expect("every replica ran"))
-            .collect()
+        FanOut { results, skipped }
     }
 
     fn report_bad(&self, i: usize, op: OpType, err: Option<&ReplicaError>, offset: u64, len: u64) {
-        let slot = &self.slots[i];
+        let slot = &self.slots()[i];
         let (sector_num, sectors_count) = match op {
             OpType::Flush => (0, 0),
             _ => sectors(offset, len),
         };
-        self.events.emit(Event::ReportBad {
+        self.members.events.emit(Event::ReportBad {
             op,
             error: err.map(|e| strerror(e.errno())),
             node_name: slot.name.clone(),
@@ -332,7 +455,7 @@ impl Disk {
 
     fn report_failure(&self, offset: u64, len: u64) {
         let (sector_num, sectors_count) = sectors(offset, len);
-        self.events.emit(Event::Failure {
+        self.members.events.emit(Event::Failure {
             reference: self.opts.id.clone(),
             sector_num,
             sectors_count,
@@ -365,9 +488,9 @@ impl Disk {
             return Ok(None);
         }
         let winners = self.read_voted(offset, buf)?;
-        Ok((0..self.slots.len())
+        Ok((0..self.slots().len())
             .filter(|i| winners & (1 << i) != 0)
-            .find_map(|i| self.slots[i].replica.file_region(offset, len)))
+            .find_map(|i| self.slots()[i].replica().file_region(offset, len)))
     }
 
     /// Read under a shared range lock; returns the replicas whose copy is
@@ -383,12 +506,19 @@ impl Disk {
     fn read_fifo(&self, offset: u64, buf: &mut [u8]) -> Result<Mask, IoError> {
         let len = buf.len() as u64;
         let mut errno = quorum_vote::EIO;
-        for (i, slot) in self.slots.iter().enumerate() {
-            match slot.replica.read_at(buf, offset) {
+        for (i, slot) in self.slots().iter().enumerate() {
+            if !slot.is_up() {
+                Counters::add(&slot.counters.skipped, 1);
+                continue;
+            }
+            match slot.replica().read_at(buf, offset) {
                 Ok(()) => return Ok(1 << i),
                 Err(e) => {
                     Counters::add(&slot.counters.read_errors, 1);
                     self.report_bad(i, OpType::Read, Some(&e), offset, len);
+                    if membership::is_unreachable(&e) {
+                        self.members.fail(i, &e);
+                    }
                     errno = e.errno();
                 }
             }
@@ -410,17 +540,18 @@ impl Disk {
         granularity: Granularity,
     ) -> (Voted, Vec<Option<ReplicaError>>) {
         let len = buf.len();
-        let mut extra: Vec<AlignedBuf> =
-            (1..self.slots.len()).map(|_| self.pool.get(len)).collect();
-        let results: Vec<Result<(), ReplicaError>> = {
-            let mut targets: Vec<&mut [u8]> = Vec::with_capacity(self.slots.len());
+        let mut extra: Vec<AlignedBuf> = (1..self.slots().len())
+            .map(|_| self.pool.get(len))
+            .collect();
+        let FanOut { results, skipped } = {
+            let mut targets: Vec<&mut [u8]> = Vec::with_capacity(self.slots().len());
             targets.push(&mut *buf);
             targets.extend(extra.iter_mut().map(|b| &mut b[..len]));
             let targets: Vec<parking_lot::Mutex<&mut [u8]>> =
                 targets.into_iter().map(parking_lot::Mutex::new).collect();
-            self.fan_out(len >= PARALLEL_MIN, |i, s| {
+            self.fan_out("read", len >= PARALLEL_MIN, |i, r| {
                 let mut t = targets[i].lock();
-                s.replica.read_at(&mut t, offset)
+                r.read_at(&mut t, offset)
             })
         };
         let copies: Vec<Copy<'_>> = results
@@ -434,7 +565,12 @@ impl Disk {
             .collect();
         let verdict = vote_read(&copies, self.opts.threshold, offset, granularity);
         drop(copies);
-        let errors = results.into_iter().map(Result::err).collect();
+        // Errors to report: not those of replicas the read went without.
+        let errors = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.err().filter(|_| skipped & (1 << i) == 0))
+            .collect();
         (Voted { verdict, extra }, errors)
     }
 
@@ -443,7 +579,7 @@ impl Disk {
         let (voted, errors) = self.read_and_vote(offset, buf, self.opts.granularity);
         for (i, e) in errors.iter().enumerate() {
             if let Some(e) = e {
-                Counters::add(&self.slots[i].counters.read_errors, 1);
+                Counters::add(&self.slots()[i].counters.read_errors, 1);
                 self.report_bad(i, OpType::Read, Some(e), offset, len);
             }
         }
@@ -452,7 +588,7 @@ impl Disk {
             Verdict::NoQuorum { failed: 0, .. } if self.opts.blkverify => {
                 let at = first_difference(&voted, buf);
                 let (sector_num, sectors_count) = sectors(offset, len);
-                self.events.emit(Event::BlkverifyMismatch {
+                self.members.events.emit(Event::BlkverifyMismatch {
                     reference: self.opts.id.clone(),
                     offset: offset + at as u64,
                     sector_num,
@@ -480,7 +616,7 @@ impl Disk {
                 if self.opts.rewrite_corrupted {
                     self.rewrite(offset, buf, blocks, None);
                 }
-                let all = Mask::MAX >> (Mask::BITS as usize - self.slots.len());
+                let all = Mask::MAX >> (Mask::BITS as usize - self.slots().len());
                 Ok(blocks.iter().fold(all & !failed, |m, b| m & !b.dissent))
             }
         };
@@ -492,7 +628,7 @@ impl Disk {
 
     /// One REPORT_BAD per replica and contiguous losing range.
     fn report_dissent(&self, offset: u64, blocks: &[BlockVote]) {
-        for (i, slot) in self.slots.iter().enumerate() {
+        for (i, slot) in self.slots().iter().enumerate() {
             let ranges = losing_ranges(blocks, i);
             if ranges.is_empty() {
                 continue;
@@ -509,13 +645,14 @@ impl Disk {
     /// Returns the replicas whose rewrite failed.
     fn rewrite(&self, offset: u64, buf: &[u8], blocks: &[BlockVote], only: Option<Mask>) -> Mask {
         let mut failed = 0;
-        for (i, slot) in self.slots.iter().enumerate() {
-            if only.is_some_and(|m| m & (1 << i) == 0) {
+        for (i, slot) in self.slots().iter().enumerate() {
+            if only.is_some_and(|m| m & (1 << i) == 0) || !slot.is_up() {
                 continue;
             }
+            let replica = slot.replica();
             for (start, len) in losing_ranges(blocks, i) {
                 let data = &buf[start..start + len];
-                match slot.replica.write_at(data, offset + start as u64, false) {
+                match replica.write_at(data, offset + start as u64, false) {
                     Ok(()) => {
                         Counters::add(&slot.counters.rewrites, 1);
                         Counters::add(&slot.counters.rewritten_bytes, len as u64);
@@ -542,8 +679,8 @@ impl Disk {
     ) -> Result<(), IoError> {
         self.check_writable(name, offset, len)?;
         let _guard = self.ranges.lock(offset, len, true);
-        let results = self.fan_out(len as usize >= PARALLEL_MIN, |_, s| op(&*s.replica));
-        self.settle(name, OpType::Write, offset, len, &results)
+        let out = self.fan_out(name, len as usize >= PARALLEL_MIN, |_, r| op(r));
+        self.settle(name, OpType::Write, offset, len, &out)
     }
 
     fn settle(
@@ -552,11 +689,15 @@ impl Disk {
         op: OpType,
         offset: u64,
         len: u64,
-        results: &[Result<(), ReplicaError>],
+        out: &FanOut<()>,
     ) -> Result<(), IoError> {
+        let results = &out.results;
         for (i, r) in results.iter().enumerate() {
+            if out.skipped & (1 << i) != 0 {
+                continue;
+            }
             if let Err(e) = r {
-                let c = &self.slots[i].counters;
+                let c = &self.slots()[i].counters;
                 Counters::add(
                     if op == OpType::Flush {
                         &c.flush_errors
@@ -620,8 +761,8 @@ impl Disk {
 
     /// Flush every replica in parallel; success at `threshold` successes.
     pub fn flush(&self) -> Result<(), IoError> {
-        let results = self.fan_out(true, |_, s| s.replica.flush());
-        self.settle("flush", OpType::Flush, 0, 0, &results)
+        let out = self.fan_out("flush", true, |_, r| r.flush());
+        self.settle("flush", OpType::Flush, 0, 0, &out)
     }
 
     /// Block status: zero (and hole) only where every replica says so.
@@ -630,10 +771,14 @@ impl Disk {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let results = self.fan_out(false, |_, s| s.replica.block_status(offset, len));
-        let lists: Vec<Vec<Extent>> = results
+        let out = self.fan_out("block_status", false, |_, r| r.block_status(offset, len));
+        // Replicas the request went without have no say.
+        let lists: Vec<Vec<Extent>> = out
+            .results
             .into_iter()
-            .map(|r| {
+            .enumerate()
+            .filter(|(i, _)| out.skipped & (1 << i) == 0)
+            .map(|(_, r)| {
                 r.unwrap_or_else(|_| {
                     vec![Extent {
                         length: len,
@@ -687,7 +832,7 @@ impl Disk {
                 decided,
                 ..
             } => {
-                let all: Mask = (1 << self.slots.len()) - 1;
+                let all: Mask = (1 << self.slots().len()) - 1;
                 let ranges = if undecided.is_empty() {
                     vec![(0, len as usize)]
                 } else {
@@ -763,13 +908,23 @@ impl Disk {
     }
 
     /// Flush every replica (best effort, for shutdown); returns the failures.
+    /// Failed replicas are left out: they are not waited on.
     pub fn flush_all(&self) -> Vec<(String, ReplicaError)> {
-        let results = self.fan_out(true, |_, s| s.replica.flush());
-        results
+        let out = self.fan_out("flush", true, |_, r| r.flush());
+        out.results
             .into_iter()
-            .zip(&self.slots)
-            .filter_map(|(r, s)| r.err().map(|e| (s.name.clone(), e)))
+            .zip(self.slots())
+            .enumerate()
+            .filter(|(i, _)| out.skipped & (1 << i) == 0)
+            .filter_map(|(_, (r, s))| r.err().map(|e| (s.name.clone(), e)))
             .collect()
+    }
+}
+
+impl Drop for Disk {
+    /// Stop the retry threads and log the pending event summaries.
+    fn drop(&mut self) {
+        self.members.close();
     }
 }
 

@@ -1,7 +1,16 @@
 //! Quorum events (QEMU's QMP names and fields) and exact per-replica counters.
+//!
+//! Every event reaches every subscriber, unmerged. The log is another
+//! matter: a replica that fails every request would write a line per
+//! request, so [`EventBus`] logs the first event of each kind, replica and
+//! error, then one summary line per [`LOG_WINDOW`] with how many more there
+//! were, and the rest when the disk closes. Replica state changes are
+//! always logged.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -64,6 +73,19 @@ pub enum Event {
         #[serde(rename = "sectors-count")]
         sectors_count: u64,
     },
+    /// A replica changed state (failed, or answered again).
+    #[serde(rename = "QUORUM_REPLICA_STATE")]
+    ReplicaState {
+        /// The replica's node name.
+        #[serde(rename = "node-name")]
+        node_name: String,
+        /// State before.
+        old: String,
+        /// State now.
+        new: String,
+        /// Why.
+        reason: String,
+    },
     /// blkverify found the two replicas different; the read failed.
     #[serde(rename = "QUORUM_BLKVERIFY_MISMATCH")]
     BlkverifyMismatch {
@@ -87,10 +109,59 @@ pub fn sectors(offset: u64, len: u64) -> (u64, u64) {
     (first, end - first)
 }
 
+/// At most one log line per kind of event, replica and error per window.
+pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+
 impl Event {
+    /// What events are summarised together in the log: kind, replica (or
+    /// disk), operation and error.
+    fn log_key(&self) -> Option<String> {
+        match self {
+            Event::ReportBad {
+                op,
+                error,
+                node_name,
+                ..
+            } => Some(format!(
+                "QUORUM_REPORT_BAD {node_name} {} {}",
+                op.as_str(),
+                error.as_deref().unwrap_or("voted out")
+            )),
+            Event::Failure { reference, .. } => Some(format!("QUORUM_FAILURE {reference}")),
+            Event::BlkverifyMismatch { reference, .. } => {
+                Some(format!("QUORUM_BLKVERIFY_MISMATCH {reference}"))
+            }
+            Event::ReplicaState { .. } => None,
+        }
+    }
+
     /// Log the event as one structured `tracing` line.
     pub fn log(&self) {
         match self {
+            Event::ReplicaState {
+                node_name,
+                old,
+                new,
+                reason,
+            } => {
+                if new == "failed" {
+                    tracing::warn!(
+                        event = "QUORUM_REPLICA_STATE",
+                        node_name = %node_name,
+                        old = %old,
+                        new = %new,
+                        "replica {node_name} is {new}: {reason}; requests no longer wait for it, retrying in the background"
+                    );
+                } else {
+                    tracing::info!(
+                        event = "QUORUM_REPLICA_STATE",
+                        node_name = %node_name,
+                        old = %old,
+                        new = %new,
+                        "replica {node_name} is {new} again (was {old}): {reason}"
+                    );
+                }
+            }
             Event::ReportBad {
                 op,
                 error,
@@ -141,9 +212,57 @@ impl Event {
 }
 
 /// Delivers events to every live subscriber; never drops or merges events.
+/// Logs them rate-limited (see the module doc).
 #[derive(Debug, Default)]
 pub(crate) struct EventBus {
     subscribers: Mutex<Vec<mpsc::Sender<Event>>>,
+    limiter: Mutex<LogLimiter>,
+}
+
+/// Per log key: when its window opened and how many events it swallowed.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    windows: HashMap<String, (Instant, u64)>,
+}
+
+impl LogLimiter {
+    /// True if `key`'s event is to be logged in full; otherwise counts it.
+    /// Logs the summary of a window that has ended.
+    fn admit(&mut self, key: String, now: Instant) -> bool {
+        match self.windows.get_mut(&key) {
+            None => {
+                self.windows.insert(key, (now, 0));
+                true
+            }
+            Some((start, n)) if now.duration_since(*start) < LOG_WINDOW => {
+                *n += 1;
+                false
+            }
+            Some((start, n)) => {
+                summarise(&key, *n, now.duration_since(*start));
+                *start = now;
+                *n = 0;
+                true
+            }
+        }
+    }
+
+    /// Log every pending summary (the disk is closing).
+    fn drain(&mut self, now: Instant) {
+        for (key, (start, n)) in self.windows.drain() {
+            summarise(&key, n, now.duration_since(start));
+        }
+    }
+}
+
+fn summarise(key: &str, n: u64, over: Duration) {
+    if n > 0 {
+        tracing::warn!(
+            repeated = n,
+            "{n} more {key} in the last {:.0} s (not logged one by one; counters and subscribers have them all)",
+            over.as_secs_f64()
+        );
+    }
 }
 
 impl EventBus {
@@ -154,12 +273,23 @@ impl EventBus {
     }
 
     pub(crate) fn emit(&self, event: Event) {
-        event.log();
+        let logged = match event.log_key() {
+            Some(key) => self.limiter.lock().admit(key, Instant::now()),
+            None => true,
+        };
+        if logged {
+            event.log();
+        }
         let mut subs = self.subscribers.lock();
         if subs.is_empty() {
             return;
         }
         subs.retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    /// Log the summaries still pending.
+    pub(crate) fn flush_log(&self) {
+        self.limiter.lock().drain(Instant::now());
     }
 }
 
@@ -174,6 +304,7 @@ pub(crate) struct Counters {
     pub(crate) rewrites: AtomicU64,
     pub(crate) rewritten_bytes: AtomicU64,
     pub(crate) rewrite_errors: AtomicU64,
+    pub(crate) skipped: AtomicU64,
 }
 
 /// A snapshot of one replica's counters.
@@ -197,6 +328,8 @@ pub struct ReplicaStats {
     pub rewritten_bytes: u64,
     /// Rewrites that failed.
     pub rewrite_errors: u64,
+    /// Requests that went without this replica because it was failed.
+    pub skipped: u64,
 }
 
 impl Counters {
@@ -216,6 +349,61 @@ impl Counters {
             rewrites: g(&self.rewrites),
             rewritten_bytes: g(&self.rewritten_bytes),
             rewrite_errors: g(&self.rewrite_errors),
+            skipped: g(&self.skipped),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_logs_the_first_event_then_one_per_window() {
+        let mut l = LogLimiter::default();
+        let t0 = Instant::now();
+        let key = || "QUORUM_REPORT_BAD replica-1 read EIO".to_owned();
+        let admitted: Vec<bool> = [0, 1, 2, 9_999, 10_000, 10_001]
+            .iter()
+            .map(|ms| l.admit(key(), t0 + Duration::from_millis(*ms)))
+            .collect();
+        assert_eq!(admitted, vec![true, false, false, false, true, false]);
+    }
+
+    #[test]
+    fn limiter_keeps_keys_apart() {
+        let mut l = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            (
+                l.admit("a".into(), t0),
+                l.admit("b".into(), t0),
+                l.admit("a".into(), t0)
+            ),
+            (true, true, false)
+        );
+    }
+
+    #[test]
+    fn limiter_counts_what_it_swallowed_until_drained() {
+        let mut l = LogLimiter::default();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            l.admit("a".into(), t0);
+        }
+        assert_eq!(l.windows.get("a").map(|w| w.1), Some(4));
+        l.drain(t0);
+        assert!(l.windows.is_empty());
+    }
+
+    #[test]
+    fn state_changes_are_never_rate_limited() {
+        let e = Event::ReplicaState {
+            node_name: "replica-1".into(),
+            old: "in-sync".into(),
+            new: "failed".into(),
+            reason: "timed out".into(),
+        };
+        assert_eq!(e.log_key(), None);
     }
 }

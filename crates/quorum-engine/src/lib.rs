@@ -15,15 +15,17 @@
 
 mod disk;
 mod events;
+pub mod membership;
 mod open;
 pub mod pool;
 mod range_lock;
 
 pub use disk::{
-    BuildError, Disk, Divergence, IoError, Options, ReadPattern, merge_status, strerror,
+    BuildError, Disk, Divergence, IoError, Member, Options, ReadPattern, merge_status, strerror,
 };
 pub use events::{Event, OpType, ReplicaStats, sectors};
-pub use open::{OpenError, OpenOptions, open, options_from_config};
+pub use membership::{Reopen, ReplicaState};
+pub use open::{OpenError, OpenOptions, error_chain, open, options_from_config};
 pub use pool::{AlignedBuf, BufPool};
 pub use quorum_replica::FileRegion;
 pub use quorum_vote::{Granularity, Mask};

@@ -31,6 +31,7 @@ fn three_raw() -> Replicas {
         read_only: false,
         direct: false,
         no_locking: false,
+        nbd_timeout: None,
     };
     let replicas = paths
         .iter()

@@ -27,6 +27,7 @@ fn main() {
             read_only: true,
             direct: false,
             no_locking: false,
+            nbd_timeout: None,
         },
     )
     .unwrap()

@@ -162,6 +162,9 @@ impl NbdReplica {
     pub fn open(src: &StorageSource, opts: &OpenOptions) -> Result<Self, OpenError> {
         let mut cfg = NbdConfig::from_source(src)?;
         cfg.read_only = opts.read_only;
+        if let Some(t) = opts.nbd_timeout {
+            cfg.timeout = t;
+        }
         Self::connect(cfg)
     }
 
@@ -208,7 +211,7 @@ impl NbdReplica {
         if let Some((until, message)) = &slot.retry_after
             && Instant::now() < *until
         {
-            return Err(Failure::new(libc::EIO, message.clone()));
+            return Err(Failure::new(libc::ENOTCONN, message.clone()));
         }
         let start = Instant::now();
         match self.reconnect() {
@@ -220,7 +223,7 @@ impl NbdReplica {
             }
             Err(message) => {
                 slot.retry_after = Some((Instant::now() + start.elapsed(), message.clone()));
-                Err(Failure::new(libc::EIO, message))
+                Err(Failure::new(libc::ENOTCONN, message))
             }
         }
     }
@@ -361,10 +364,12 @@ impl Failure {
         }
     }
 
+    /// The connection is gone: ENOTCONN, which the engine takes for an
+    /// unreachable replica (see `quorum_engine::membership`).
     fn lost(message: impl Into<String>) -> Self {
         Failure {
             lost: true,
-            ..Failure::new(libc::EIO, message)
+            ..Failure::new(libc::ENOTCONN, message)
         }
     }
 

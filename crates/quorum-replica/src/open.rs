@@ -26,6 +26,9 @@ pub struct OpenOptions {
     /// Take no image locks at all, like QEMU's `file.locking=off`. Only for
     /// benchmarks and debugging: nothing then stops two writers.
     pub no_locking: bool,
+    /// Bound on connecting to, and waiting for, a remote (NBD) replica;
+    /// `None` for [`crate::NBD_DEFAULT_TIMEOUT`].
+    pub nbd_timeout: Option<std::time::Duration>,
 }
 
 fn file_path(src: &StorageSource) -> Result<&Path, OpenError> {

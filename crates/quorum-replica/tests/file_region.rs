@@ -18,6 +18,7 @@ fn opened(src: &StorageSource, direct: bool) -> Box<dyn Replica> {
         read_only: false,
         direct,
         no_locking: false,
+        nbd_timeout: None,
     };
     open(src, &opts).unwrap()
 }

@@ -1,5 +1,7 @@
 //! Disk-building helpers shared by the engine's integration tests.
 
+#![allow(dead_code)] // each test binary uses a different subset
+
 use quorum_engine::{BuildError, Disk, Options};
 use quorum_replica::Replica;
 

@@ -14,6 +14,7 @@ pub const RW: OpenOptions = OpenOptions {
     read_only: false,
     direct: false,
     no_locking: false,
+    nbd_timeout: None,
 };
 
 /// A locked, buffered read-only open.
@@ -21,6 +22,7 @@ pub const RO: OpenOptions = OpenOptions {
     read_only: true,
     direct: false,
     no_locking: false,
+    nbd_timeout: None,
 };
 
 /// A locked read-write open, with `O_DIRECT` if `direct`.

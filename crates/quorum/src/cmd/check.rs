@@ -1,6 +1,6 @@
 //! `quorum check`: offline scrub of every replica, with optional repair.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -58,7 +58,15 @@ struct Report {
     threshold: usize,
     checked_bytes: u64,
     skipped_bytes: u64,
+    /// Replicas that could not be opened (checked without them).
+    missing: Vec<Missing>,
     ranges: Vec<Range>,
+}
+
+#[derive(Debug, Serialize)]
+struct Missing {
+    replica: usize,
+    reason: String,
 }
 
 fn members(m: Mask) -> Vec<usize> {
@@ -75,6 +83,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let disk = quorum_engine::open(&cfg, &opts)?;
+    let missing = disk.failed_replicas();
+    for (_, replica, why) in &missing {
+        let _ = writeln!(
+            std::io::stderr(),
+            "quorum check: {replica} could not be opened, checking without it: {why}"
+        );
+    }
     let progress = if std::io::stderr().is_terminal() && !args.json {
         let pb = ProgressBar::new(disk.size());
         pb.set_style(
@@ -98,6 +113,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         threshold: cfg.threshold as usize,
         checked_bytes: checked,
         skipped_bytes: skipped,
+        missing: missing
+            .iter()
+            .map(|(i, _, why)| Missing {
+                replica: *i,
+                reason: why.clone(),
+            })
+            .collect(),
         ranges: ranges
             .iter()
             .map(|d| Range {

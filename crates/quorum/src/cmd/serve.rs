@@ -80,6 +80,22 @@ pub struct Args {
     /// flight together.
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = Sendfile::Auto)]
     pub sendfile: Sendfile,
+    /// How long a remote (NBD) replica may take to connect or to answer a
+    /// request before it counts as failed. A failed replica is not waited
+    /// on by later requests; it is retried in the background (after 1 s,
+    /// then up to every 30 s) and takes part again once it answers.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, value_parser = parse_timeout)]
+    pub replica_timeout: f64,
+}
+
+/// A timeout in seconds: positive and finite.
+pub fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a timeout in seconds (a number above 0, at most 86400)"
+        )),
+    }
 }
 
 /// `--sendfile` choices.
@@ -189,6 +205,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         read_only: args.read_only,
         whole_request_vote: args.whole_request_vote,
         no_locking: args.no_locking,
+        replica_timeout: Some(std::time::Duration::from_secs_f64(args.replica_timeout)),
+        retry_missing: true,
     };
     if cfg.driver.rewrite_corrupted && (cfg.readonly || args.read_only) {
         bail!("rewrite_corrupted='on' needs a writable disk; drop --read-only or the option");
@@ -198,7 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .export
         .clone()
         .unwrap_or_else(|| cfg.target.dev.clone());
-    let summary = format!(
+    let mut summary = format!(
         "{} replicas, threshold {}, {}{}",
         disk.replica_count(),
         cfg.threshold,
@@ -209,6 +227,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ""
         }
     );
+    let failed = disk.failed_replicas();
+    if !failed.is_empty() {
+        summary.push_str(&format!(
+            ", DEGRADED: {} of {} replicas missing",
+            failed.len(),
+            disk.replica_count()
+        ));
+    }
     let backend = Arc::new(DiskBackend::new(disk));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -228,6 +254,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("  connect: qemu-img info '{uri}'");
         println!("           qemu-system-x86_64 -drive file={uri},format=raw,if=virtio");
         println!("  stop:    kill -TERM {}", std::process::id());
+        for (_, replica, why) in &failed {
+            println!("  missing: {replica}: {why} (retried in the background)");
+        }
         std::io::stdout().flush().ok();
 
         let shutdown = CancellationToken::new();

@@ -1,0 +1,366 @@
+//! Replica membership: which replicas take part in requests, and getting a
+//! failed one back.
+//!
+//! ```text
+//!   open ok ───────────────▶ Up ◀──────────── retry thread: reopen / probe ok
+//!   open failed ──┐           │                      ▲
+//!                 ▼           ▼ timeout, disconnect  │
+//!               Failed ◀──────┘ (unreachable errno)  │
+//!                 └──────────────────────────────────┘
+//! ```
+//!
+//! A request fans out only to `Up` replicas; a `Failed` one counts as a
+//! failed copy (or write) without being asked, so a hung remote replica
+//! costs its timeout once, not once per request. Only errors that say the
+//! replica cannot be reached fail it (timeouts, lost connections); a media
+//! error on one block stays that request's error, as in QEMU.
+//!
+//! Each failed replica has one retry thread. It waits 1 s, then twice as
+//! long after every failed attempt (at most [`MAX_RETRY`]), and tries to
+//! reopen a replica that never opened, or else to read its first block. It
+//! stops when the replica answers or the disk is dropped.
+//!
+//! The replica behind a slot can be swapped (a replica that opens late
+//! replaces its placeholder), so requests take an `Arc` of it for their
+//! duration. The states are the first of the lifecycle the engine will
+//! track (in-sync, stale, resyncing, failed, new): this module is where they
+//! live, one atomic per replica, read by every request without locks.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use quorum_replica::{ErrorKind, Replica, ReplicaError};
+
+use crate::events::{Counters, Event, EventBus};
+
+/// Longest wait between two attempts to get a failed replica back.
+pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// First wait after a replica failed.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// Opens a replica again (the retry thread calls it for a replica that
+/// could not be opened): the replica, or why not.
+pub type Reopen = Box<dyn Fn() -> Result<Box<dyn Replica>, String> + Send + Sync>;
+
+/// What the engine knows of one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReplicaState {
+    /// Takes part in every request.
+    InSync = 0,
+    /// Unreachable (could not be opened, timed out, disconnected): requests
+    /// go without it; retried in the background.
+    Failed = 1,
+}
+
+impl ReplicaState {
+    /// The name used in events and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::InSync => "in-sync",
+            ReplicaState::Failed => "failed",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        if v == ReplicaState::Failed as u8 {
+            ReplicaState::Failed
+        } else {
+            ReplicaState::InSync
+        }
+    }
+}
+
+impl fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// True for errors that say the replica cannot be reached at all, as
+/// opposed to one request failing on it.
+pub fn is_unreachable(e: &ReplicaError) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::Io(
+            libc::ETIMEDOUT
+                | libc::ENOTCONN
+                | libc::ECONNREFUSED
+                | libc::ECONNRESET
+                | libc::ECONNABORTED
+                | libc::EPIPE
+                | libc::ESHUTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+        )
+    )
+}
+
+/// One replica of a disk.
+pub(crate) struct Slot {
+    pub(crate) name: String,
+    replica: RwLock<Arc<dyn Replica>>,
+    state: AtomicU8,
+    /// Why it failed (for logs and errors of skipped requests).
+    reason: Mutex<String>,
+    /// How to open it again, while it never opened.
+    reopen: Mutex<Option<Reopen>>,
+    pub(crate) counters: Counters,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot")
+            .field("name", &self.name)
+            .field("state", &self.state())
+            .field("replica", &*self.replica.read())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    pub(crate) fn new(name: String, replica: Box<dyn Replica>) -> Slot {
+        Slot {
+            name,
+            replica: RwLock::new(Arc::from(replica)),
+            state: AtomicU8::new(ReplicaState::InSync as u8),
+            reason: Mutex::new(String::new()),
+            reopen: Mutex::new(None),
+            counters: Counters::default(),
+        }
+    }
+
+    /// A replica that could not be opened: a placeholder of `size` bytes
+    /// that is never asked, until `reopen` succeeds.
+    pub(crate) fn missing(name: String, size: u64, reason: String, reopen: Option<Reopen>) -> Slot {
+        let placeholder = Unavailable {
+            size,
+            reason: reason.clone(),
+        };
+        Slot {
+            name,
+            replica: RwLock::new(Arc::new(placeholder)),
+            state: AtomicU8::new(ReplicaState::Failed as u8),
+            reason: Mutex::new(reason),
+            reopen: Mutex::new(reopen),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The replica, for one request.
+    pub(crate) fn replica(&self) -> Arc<dyn Replica> {
+        Arc::clone(&self.replica.read())
+    }
+
+    pub(crate) fn state(&self) -> ReplicaState {
+        ReplicaState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Why it is failed (empty while it is up).
+    pub(crate) fn reason(&self) -> String {
+        if self.is_up() {
+            String::new()
+        } else {
+            self.reason.lock().clone()
+        }
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.state() == ReplicaState::InSync
+    }
+
+    /// The error a request gets for a replica it did not ask.
+    pub(crate) fn skipped_error(&self, op: &'static str) -> ReplicaError {
+        ReplicaError::new(
+            ErrorKind::Io(libc::ENOTCONN),
+            op,
+            format!("replica is failed ({}); not asked", self.reason.lock()),
+        )
+    }
+
+    /// Move from `from` to `to`; false if another thread got there first.
+    fn transition(&self, from: ReplicaState, to: ReplicaState) -> bool {
+        self.state
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Shared by the disk and the retry threads.
+#[derive(Debug)]
+pub(crate) struct Members {
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) events: EventBus,
+    size: u64,
+    /// Set when the disk is dropped; retry threads wait on `wake`.
+    closed: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Members {
+    pub(crate) fn new(slots: Vec<Slot>, size: u64) -> Arc<Members> {
+        let members = Arc::new(Members {
+            slots,
+            events: EventBus::default(),
+            size,
+            closed: Mutex::new(false),
+            wake: Condvar::new(),
+        });
+        for (i, slot) in members.slots.iter().enumerate() {
+            if slot.is_up() {
+                continue;
+            }
+            let reason = slot.reason.lock().clone();
+            if slot.reopen.lock().is_some() {
+                tracing::warn!(
+                    replica = %slot.name,
+                    "replica {} could not be opened: {reason}; going on without it, retrying in the background",
+                    slot.name
+                );
+                Members::spawn_retry(&members, i);
+            } else {
+                tracing::warn!(
+                    replica = %slot.name,
+                    "replica {} could not be opened: {reason}; going on without it",
+                    slot.name
+                );
+            }
+        }
+        members
+    }
+
+    /// Mark replica `i` failed after `err`, once: emits the state change
+    /// and starts the retry thread.
+    pub(crate) fn fail(self: &Arc<Self>, i: usize, err: &ReplicaError) {
+        let slot = &self.slots[i];
+        if !slot.transition(ReplicaState::InSync, ReplicaState::Failed) {
+            return;
+        }
+        let reason = err.to_string();
+        *slot.reason.lock() = reason.clone();
+        self.events.emit(Event::ReplicaState {
+            node_name: slot.name.clone(),
+            old: ReplicaState::InSync.to_string(),
+            new: ReplicaState::Failed.to_string(),
+            reason,
+        });
+        Members::spawn_retry(self, i);
+    }
+
+    fn spawn_retry(members: &Arc<Members>, i: usize) {
+        let m = Arc::clone(members);
+        let spawned = std::thread::Builder::new()
+            .name(format!("quorum-retry-{i}"))
+            .spawn(move || m.retry_loop(i));
+        if let Err(e) = spawned {
+            tracing::error!(replica = %members.slots[i].name, error = %e, "cannot start the retry thread; the replica stays failed");
+        }
+    }
+
+    /// Wait `d` unless the disk closes first; true when closed.
+    fn wait(&self, d: Duration) -> bool {
+        let mut closed = self.closed.lock();
+        if !*closed {
+            self.wake.wait_for(&mut closed, d);
+        }
+        *closed
+    }
+
+    pub(crate) fn close(&self) {
+        *self.closed.lock() = true;
+        self.wake.notify_all();
+        self.events.flush_log();
+    }
+
+    fn retry_loop(&self, i: usize) {
+        let slot = &self.slots[i];
+        let mut delay = FIRST_RETRY;
+        loop {
+            if self.wait(delay) {
+                return;
+            }
+            match self.try_back(slot) {
+                Ok(how) => {
+                    if slot.transition(ReplicaState::Failed, ReplicaState::InSync) {
+                        self.events.emit(Event::ReplicaState {
+                            node_name: slot.name.clone(),
+                            old: ReplicaState::Failed.to_string(),
+                            new: ReplicaState::InSync.to_string(),
+                            reason: how,
+                        });
+                    }
+                    return;
+                }
+                Err(why) => {
+                    tracing::debug!(replica = %slot.name, error = %why, "replica still unavailable");
+                    *slot.reason.lock() = why;
+                    delay = (delay * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Reopen the replica if it never opened, then read its first block.
+    fn try_back(&self, slot: &Slot) -> Result<String, String> {
+        let mut how = "it answers again";
+        let reopened = {
+            let reopen = slot.reopen.lock();
+            match reopen.as_ref() {
+                Some(f) => Some(f()?),
+                None => None,
+            }
+        };
+        if let Some(r) = reopened {
+            if r.size() != self.size {
+                return Err(format!(
+                    "it opened with size {} bytes, but the disk has {} bytes",
+                    r.size(),
+                    self.size
+                ));
+            }
+            *slot.replica.write() = Arc::from(r);
+            *slot.reopen.lock() = None;
+            how = "it could be opened";
+        }
+        let mut probe = vec![0u8; self.size.min(4096) as usize];
+        slot.replica()
+            .read_at(&mut probe, 0)
+            .map_err(|e| e.to_string())?;
+        Ok(how.to_owned())
+    }
+}
+
+/// Stands in for a replica that could not be opened. Never asked while the
+/// slot is failed; answers every call with the reason, just in case.
+#[derive(Debug)]
+struct Unavailable {
+    size: u64,
+    reason: String,
+}
+
+impl Unavailable {
+    fn error(&self, op: &'static str) -> ReplicaError {
+        ReplicaError::new(ErrorKind::Io(libc::ENOTCONN), op, self.reason.clone())
+    }
+}
+
+impl Replica for Unavailable {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> quorum_replica::Result<()> {
+        Err(self.error("read"))
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> quorum_replica::Result<()> {
+        Err(self.error("write"))
+    }
+    fn write_zeroes(&self, _o: u64, _l: u64, _u: bool, _f: bool) -> quorum_replica::Result<()> {
+        Err(self.error("write_zeroes"))
+    }
+    fn flush(&self) -> quorum_replica::Result<()> {
+        Err(self.error("flush"))
+    }
+}
