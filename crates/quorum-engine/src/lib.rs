@@ -19,6 +19,7 @@ pub mod membership;
 mod open;
 pub mod pool;
 mod range_lock;
+pub mod record;
 
 pub use disk::{
     BuildError, Disk, Divergence, IoError, Member, Options, ReadPattern, merge_status, strerror,
