@@ -8,9 +8,10 @@ use quorum_replica::{Extent, FileRegion, Replica, ReplicaError};
 use quorum_vote::{BlockVote, Copy, Granularity, Mask, Verdict, vote_read, vote_status};
 
 use crate::events::{Counters, Event, OpType, ReplicaStats, sectors};
+use crate::heal::{Heal, HealStats};
 use crate::membership::{self, Members, Reopen, ReplicaState, Slot};
 use crate::pool::{AlignedBuf, BufPool};
-use crate::range_lock::RangeLock;
+use crate::record::Record;
 
 pub use quorum_config::ReadPattern;
 
@@ -98,6 +99,19 @@ pub struct Member {
     pub replica: Result<Box<dyn Replica>, String>,
     /// How to open it again later (for one that could not be opened).
     pub reopen: Option<Reopen>,
+    /// What identifies it (see [`crate::record::ReplicaEntry::identity`]);
+    /// 0 when unknown.
+    pub identity: u64,
+}
+
+/// Crash-safe write intent and missed-write tracking for a disk (see
+/// [`crate::heal`]): its record, and how fast to resync.
+#[derive(Debug)]
+pub struct Tracking {
+    /// The disk's record, open and locked.
+    pub record: Record,
+    /// Resync rate limit in bytes per second (0: none).
+    pub resync_rate: u64,
 }
 
 impl fmt::Debug for Member {
@@ -112,7 +126,7 @@ impl fmt::Debug for Member {
 /// Results of one request on every replica, and which were not asked.
 struct FanOut<T> {
     results: Vec<Result<T, ReplicaError>>,
-    /// Failed replicas the request went without.
+    /// Replicas the request went without (failed, or excluded).
     skipped: Mask,
 }
 
@@ -122,8 +136,10 @@ pub struct Disk {
     members: Arc<Members>,
     opts: Options,
     size: u64,
-    ranges: RangeLock,
     pool: BufPool,
+    /// The resync thread, when the disk has a record.
+    healer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    closed: std::sync::atomic::AtomicBool,
     workers: rayon::ThreadPool,
     /// False when the process may use only one CPU and every replica is
     /// local: parallel page-cache copies then only add context switches
@@ -215,15 +231,29 @@ impl Disk {
                 name,
                 replica: Ok(replica),
                 reopen: None,
+                identity: 0,
             })
             .collect();
         Disk::assemble(members, opts)
     }
 
+    /// [`Disk::assemble`] without tracking what replicas miss.
+    pub fn assemble(members: Vec<Member>, opts: Options) -> Result<Disk, BuildError> {
+        Disk::assemble_tracked(members, opts, None)
+    }
+
     /// Assemble a disk of which some replicas may not have opened: it runs
     /// degraded when at least `threshold` did, and retries the others in
     /// the background (see [`crate::membership`]).
-    pub fn assemble(members: Vec<Member>, opts: Options) -> Result<Disk, BuildError> {
+    ///
+    /// With `tracking`, writes record their intent and what each replica
+    /// misses, regions left dirty by an unclean stop are reconciled before
+    /// use, and a background thread resyncs stale replicas.
+    pub fn assemble_tracked(
+        members: Vec<Member>,
+        opts: Options,
+        tracking: Option<Tracking>,
+    ) -> Result<Disk, BuildError> {
         let n = members.len();
         if n == 0 || n > quorum_vote::MAX_REPLICAS {
             return Err(BuildError::Invalid(format!(
@@ -281,18 +311,62 @@ impl Disk {
         let remote = members
             .iter()
             .any(|m| m.replica.as_ref().is_ok_and(|r| r.is_remote()));
+        let heal =
+            tracking.map(|t| Heal::new(t.record, opts.threshold, t.resync_rate, !opts.read_only));
+        // Where the record says what a replica missed, it starts stale (or
+        // new, if another replica took its place).
+        let mut initial = Vec::with_capacity(n);
+        for (i, m) in members.iter().enumerate() {
+            let state = match (&heal, &m.replica) {
+                (_, Err(_)) => ReplicaState::Failed,
+                (None, Ok(_)) => ReplicaState::InSync,
+                (Some(h), Ok(_)) => {
+                    if h.adopt(i, m.identity) {
+                        ReplicaState::New
+                    } else if h.record.missed_count(i) == 0 {
+                        ReplicaState::InSync
+                    } else if h.record.header().replicas[i].state == ReplicaState::New as u8 {
+                        ReplicaState::New
+                    } else {
+                        ReplicaState::Stale
+                    }
+                }
+            };
+            if let Some(h) = &heal {
+                h.save_state(i, state);
+            }
+            initial.push(state);
+        }
         let slots = members
             .into_iter()
             .map(|m| match m.replica {
                 Ok(r) => Slot::new(m.name, r),
                 Err(why) => Slot::missing(m.name, size, why, m.reopen),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        for (s, st) in slots.iter().zip(&initial) {
+            if *st != ReplicaState::Failed {
+                s.swap_state(*st);
+            }
+        }
+        let members = Members::new(slots, size, heal);
+        for (i, st) in initial.iter().enumerate() {
+            if matches!(st, ReplicaState::Stale | ReplicaState::New) {
+                tracing::warn!(
+                    replica = %members.slots[i].name,
+                    "replica {} is {st}: {} MiB to resync",
+                    members.slots[i].name,
+                    members.heal.as_ref().map_or(0, |h| h.record.missed_count(i) * h.record.header().chunk) >> 20
+                );
+            }
+        }
+        let healer = members.spawn_healer();
         Ok(Disk {
-            members: Members::new(slots, size),
+            members,
             opts,
             size,
-            ranges: RangeLock::default(),
+            healer: parking_lot::Mutex::new(healer),
+            closed: std::sync::atomic::AtomicBool::new(false),
             pool: BufPool::default(),
             workers,
             parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) || remote,
@@ -344,6 +418,30 @@ impl Disk {
         self.members.events.subscribe()
     }
 
+    /// Resync and reconciliation figures (`None` without tracking).
+    pub fn heal_stats(&self) -> Option<HealStats> {
+        self.members.heal.as_ref().map(Heal::stats)
+    }
+
+    /// Reconcile what an unclean stop left and resync every stale replica
+    /// now, without throttling (`quorum check --repair` does this before
+    /// its scrub). Returns the bytes copied.
+    pub fn heal_now(&self) -> u64 {
+        self.members.heal_now()
+    }
+
+    /// Missed bytes per replica, as the record has them (`None` without
+    /// tracking).
+    pub fn missed_bytes(&self) -> Option<Vec<u64>> {
+        let h = self.members.heal.as_ref()?;
+        let chunk = h.record.header().chunk;
+        Some(
+            (0..self.slots().len())
+                .map(|i| h.record.missed_count(i) * chunk)
+                .collect(),
+        )
+    }
+
     /// Exact per-replica counters.
     pub fn stats(&self) -> Vec<ReplicaStats> {
         self.slots()
@@ -384,17 +482,22 @@ impl Disk {
         &self,
         op: &'static str,
         parallel: bool,
+        exclude: Mask,
         f: impl Fn(usize, &dyn Replica) -> Result<T, ReplicaError> + Sync,
     ) -> FanOut<T> {
         let slots = self.slots();
-        let skipped: Mask = slots
+        let failed: Mask = slots
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.is_up())
             .fold(0, |m, (i, _)| m | 1 << i);
+        let skipped = failed | exclude;
         let call = |i: usize, s: &Slot| {
-            if skipped & (1 << i) != 0 {
+            if failed & (1 << i) != 0 {
                 Counters::add(&s.counters.skipped, 1);
+                return Err(s.skipped_error(op));
+            }
+            if exclude & (1 << i) != 0 {
                 return Err(s.skipped_error(op));
             }
             f(i, &*s.replica())
@@ -496,7 +599,8 @@ impl Disk {
     /// Read under a shared range lock; returns the replicas whose copy is
     /// the result for the whole range.
     fn read_voted(&self, offset: u64, buf: &mut [u8]) -> Result<Mask, IoError> {
-        let _guard = self.ranges.lock(offset, buf.len() as u64, false);
+        self.members.settle_range(offset, buf.len() as u64);
+        let _guard = self.members.ranges.lock(offset, buf.len() as u64, false);
         match self.opts.read_pattern {
             ReadPattern::Fifo => self.read_fifo(offset, buf),
             ReadPattern::Quorum => self.read_quorum(offset, buf),
@@ -506,9 +610,13 @@ impl Disk {
     fn read_fifo(&self, offset: u64, buf: &mut [u8]) -> Result<Mask, IoError> {
         let len = buf.len() as u64;
         let mut errno = quorum_vote::EIO;
+        let stale = self.members.stale_mask(offset, len);
         for (i, slot) in self.slots().iter().enumerate() {
             if !slot.is_up() {
                 Counters::add(&slot.counters.skipped, 1);
+                continue;
+            }
+            if stale & (1 << i) != 0 {
                 continue;
             }
             match slot.replica().read_at(buf, offset) {
@@ -549,7 +657,8 @@ impl Disk {
             targets.extend(extra.iter_mut().map(|b| &mut b[..len]));
             let targets: Vec<parking_lot::Mutex<&mut [u8]>> =
                 targets.into_iter().map(parking_lot::Mutex::new).collect();
-            self.fan_out("read", len >= PARALLEL_MIN, |i, r| {
+            let stale = self.members.stale_mask(offset, len as u64);
+            self.fan_out("read", len >= PARALLEL_MIN, stale, |i, r| {
                 let mut t = targets[i].lock();
                 r.read_at(&mut t, offset)
             })
@@ -678,8 +787,38 @@ impl Disk {
         op: impl Fn(&dyn Replica) -> Result<(), ReplicaError> + Sync,
     ) -> Result<(), IoError> {
         self.check_writable(name, offset, len)?;
-        let _guard = self.ranges.lock(offset, len, true);
-        let out = self.fan_out(name, len as usize >= PARALLEL_MIN, |_, r| op(r));
+        self.members.settle_range(offset, len);
+        let _guard = self.members.ranges.lock(offset, len, true);
+        let io_error = |errno| IoError {
+            errno,
+            op: name,
+            offset,
+            len,
+        };
+        let heal = self.members.heal.as_ref();
+        if let Some(h) = heal
+            && let Err(e) = h.begin_write(offset, len)
+        {
+            tracing::error!(error = %e, "cannot record write intent; failing the write");
+            return Err(io_error(libc::EIO));
+        }
+        let out = self.fan_out(name, len as usize >= PARALLEL_MIN, 0, |_, r| op(r));
+        if let Some(h) = heal {
+            let missed = out
+                .results
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.is_err())
+                .fold(0, |m: Mask, (i, _)| m | 1 << i);
+            let recorded = h.end_write(offset, len, missed);
+            for i in (0..self.slots().len()).filter(|i| missed & (1 << i) != 0) {
+                self.members.note_missed(i);
+            }
+            if let Err(e) = recorded {
+                tracing::error!(error = %e, "cannot record missed writes; failing the write");
+                return Err(io_error(libc::EIO));
+            }
+        }
         self.settle(name, OpType::Write, offset, len, &out)
     }
 
@@ -761,7 +900,7 @@ impl Disk {
 
     /// Flush every replica in parallel; success at `threshold` successes.
     pub fn flush(&self) -> Result<(), IoError> {
-        let out = self.fan_out("flush", true, |_, r| r.flush());
+        let out = self.fan_out("flush", true, 0, |_, r| r.flush());
         self.settle("flush", OpType::Flush, 0, 0, &out)
     }
 
@@ -771,7 +910,10 @@ impl Disk {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let out = self.fan_out("block_status", false, |_, r| r.block_status(offset, len));
+        let stale = self.members.stale_mask(offset, len);
+        let out = self.fan_out("block_status", false, stale, |_, r| {
+            r.block_status(offset, len)
+        });
         // Replicas the request went without have no say.
         let lists: Vec<Vec<Extent>> = out
             .results
@@ -799,7 +941,8 @@ impl Disk {
         if repair {
             self.check_writable("scrub", offset, len)?;
         }
-        let _guard = self.ranges.lock(offset, len, repair);
+        self.members.settle_range(offset, len);
+        let _guard = self.members.ranges.lock(offset, len, repair);
         let mut buf = self.pool.get(len as usize);
         let buf_slice = &mut buf[..len as usize];
         let (voted, _errors) = self.read_and_vote(offset, buf_slice, self.opts.granularity);
@@ -910,7 +1053,7 @@ impl Disk {
     /// Flush every replica (best effort, for shutdown); returns the failures.
     /// Failed replicas are left out: they are not waited on.
     pub fn flush_all(&self) -> Vec<(String, ReplicaError)> {
-        let out = self.fan_out("flush", true, |_, r| r.flush());
+        let out = self.fan_out("flush", true, 0, |_, r| r.flush());
         out.results
             .into_iter()
             .zip(self.slots())
@@ -921,10 +1064,29 @@ impl Disk {
     }
 }
 
-impl Drop for Disk {
-    /// Stop the retry threads and log the pending event summaries.
-    fn drop(&mut self) {
+impl Disk {
+    /// Stop the background threads, flush every replica that is up, and
+    /// leave the record clean (no dirty region) when the flushes succeed.
+    /// Returns the replicas whose flush failed. Later calls do nothing.
+    pub fn close(&self) -> Vec<(String, ReplicaError)> {
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Vec::new();
+        }
         self.members.close();
+        if let Some(t) = self.healer.lock().take() {
+            let _ = t.join();
+        }
+        let failures = self.flush_all();
+        self.members.close_heal();
+        self.members.events.flush_log();
+        failures
+    }
+}
+
+impl Drop for Disk {
+    /// [`Disk::close`], for a disk dropped without it.
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

@@ -152,13 +152,21 @@ impl Event {
                         new = %new,
                         "replica {node_name} is {new}: {reason}; requests no longer wait for it, retrying in the background"
                     );
-                } else {
+                } else if old == "failed" {
                     tracing::info!(
                         event = "QUORUM_REPLICA_STATE",
                         node_name = %node_name,
                         old = %old,
                         new = %new,
                         "replica {node_name} is {new} again (was {old}): {reason}"
+                    );
+                } else {
+                    tracing::info!(
+                        event = "QUORUM_REPLICA_STATE",
+                        node_name = %node_name,
+                        old = %old,
+                        new = %new,
+                        "replica {node_name} is {new} (was {old}): {reason}"
                     );
                 }
             }

@@ -15,6 +15,7 @@
 
 mod disk;
 mod events;
+mod heal;
 pub mod membership;
 mod open;
 pub mod pool;
@@ -22,11 +23,14 @@ mod range_lock;
 pub mod record;
 
 pub use disk::{
-    BuildError, Disk, Divergence, IoError, Member, Options, ReadPattern, merge_status, strerror,
+    BuildError, Disk, Divergence, IoError, Member, Options, ReadPattern, Tracking, merge_status,
+    strerror,
 };
 pub use events::{Event, OpType, ReplicaStats, sectors};
 pub use membership::{Reopen, ReplicaState};
-pub use open::{OpenError, OpenOptions, error_chain, open, options_from_config};
+pub use open::{
+    CHUNK, OpenError, OpenOptions, REGION, error_chain, identity_of, open, options_from_config,
+};
 pub use pool::{AlignedBuf, BufPool};
 pub use quorum_replica::FileRegion;
 pub use quorum_vote::{Granularity, Mask};

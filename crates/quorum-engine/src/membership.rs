@@ -35,6 +35,8 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use quorum_replica::{ErrorKind, Replica, ReplicaError};
 
 use crate::events::{Counters, Event, EventBus};
+use crate::heal::Heal;
+use crate::range_lock::RangeLock;
 
 /// Longest wait between two attempts to get a failed replica back.
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -42,34 +44,49 @@ pub const MAX_RETRY: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// Opens a replica again (the retry thread calls it for a replica that
-/// could not be opened): the replica, or why not.
-pub type Reopen = Box<dyn Fn() -> Result<Box<dyn Replica>, String> + Send + Sync>;
+/// could not be opened): the replica and its identity (see
+/// [`crate::record::ReplicaEntry::identity`]; 0 if unknown), or why not.
+pub type Reopen = Box<dyn Fn() -> Result<(Box<dyn Replica>, u64), String> + Send + Sync>;
 
 /// What the engine knows of one replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ReplicaState {
-    /// Takes part in every request.
+    /// Holds every acknowledged write: votes everywhere.
     InSync = 0,
+    /// Missed some writes (its missed chunks never vote and are never read);
+    /// waiting for the resync.
+    Stale = 1,
+    /// Its missed chunks are being copied to it.
+    Resyncing = 2,
     /// Unreachable (could not be opened, timed out, disconnected): requests
-    /// go without it; retried in the background.
-    Failed = 1,
+    /// go without it, what it misses is recorded; retried in the background.
+    Failed = 3,
+    /// Not known to hold this disk (replaced, or created empty): every
+    /// chunk counts as missed until rebuilt.
+    New = 4,
 }
 
 impl ReplicaState {
-    /// The name used in events and logs.
+    /// The name used in events, logs and the record.
     pub fn as_str(self) -> &'static str {
         match self {
             ReplicaState::InSync => "in-sync",
+            ReplicaState::Stale => "stale",
+            ReplicaState::Resyncing => "resyncing",
             ReplicaState::Failed => "failed",
+            ReplicaState::New => "new",
         }
     }
 
-    fn from_u8(v: u8) -> Self {
-        if v == ReplicaState::Failed as u8 {
-            ReplicaState::Failed
-        } else {
-            ReplicaState::InSync
+    /// From the record's byte (unknown values read as stale: not trusted).
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            0 => ReplicaState::InSync,
+            2 => ReplicaState::Resyncing,
+            3 => ReplicaState::Failed,
+            4 => ReplicaState::New,
+            _ => ReplicaState::Stale,
         }
     }
 }
@@ -168,8 +185,14 @@ impl Slot {
         }
     }
 
+    /// Not failed: it is asked (reads only where it missed nothing).
     pub(crate) fn is_up(&self) -> bool {
-        self.state() == ReplicaState::InSync
+        self.state() != ReplicaState::Failed
+    }
+
+    /// Set the state; returns the old one.
+    pub(crate) fn swap_state(&self, to: ReplicaState) -> ReplicaState {
+        ReplicaState::from_u8(self.state.swap(to as u8, Ordering::AcqRel))
     }
 
     /// The error a request gets for a replica it did not ask.
@@ -182,30 +205,36 @@ impl Slot {
     }
 
     /// Move from `from` to `to`; false if another thread got there first.
-    fn transition(&self, from: ReplicaState, to: ReplicaState) -> bool {
+    pub(crate) fn transition(&self, from: ReplicaState, to: ReplicaState) -> bool {
         self.state
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 }
 
-/// Shared by the disk and the retry threads.
+/// Shared by the disk, the retry threads and the healer.
 #[derive(Debug)]
 pub(crate) struct Members {
     pub(crate) slots: Vec<Slot>,
     pub(crate) events: EventBus,
-    size: u64,
-    /// Set when the disk is dropped; retry threads wait on `wake`.
+    pub(crate) size: u64,
+    /// Orders requests, resync and reconciliation on byte ranges.
+    pub(crate) ranges: RangeLock,
+    /// Write intent, missed chunks and resync (with a persistent record).
+    pub(crate) heal: Option<Heal>,
+    /// Set when the disk is closed; background threads wait on `wake`.
     closed: Mutex<bool>,
     wake: Condvar,
 }
 
 impl Members {
-    pub(crate) fn new(slots: Vec<Slot>, size: u64) -> Arc<Members> {
+    pub(crate) fn new(slots: Vec<Slot>, size: u64, heal: Option<Heal>) -> Arc<Members> {
         let members = Arc::new(Members {
             slots,
             events: EventBus::default(),
             size,
+            ranges: RangeLock::default(),
+            heal,
             closed: Mutex::new(false),
             wake: Condvar::new(),
         });
@@ -236,18 +265,53 @@ impl Members {
     /// and starts the retry thread.
     pub(crate) fn fail(self: &Arc<Self>, i: usize, err: &ReplicaError) {
         let slot = &self.slots[i];
-        if !slot.transition(ReplicaState::InSync, ReplicaState::Failed) {
+        let old = slot.state();
+        if old == ReplicaState::Failed || !slot.transition(old, ReplicaState::Failed) {
             return;
         }
         let reason = err.to_string();
         *slot.reason.lock() = reason.clone();
+        self.announce(i, old, ReplicaState::Failed, reason);
+        Members::spawn_retry(self, i);
+    }
+
+    /// Emit (and record) a state change that has happened.
+    pub(crate) fn announce(&self, i: usize, old: ReplicaState, new: ReplicaState, reason: String) {
+        if old == new {
+            return;
+        }
+        if let Some(h) = &self.heal {
+            h.save_state(i, new);
+        }
         self.events.emit(Event::ReplicaState {
-            node_name: slot.name.clone(),
-            old: ReplicaState::InSync.to_string(),
-            new: ReplicaState::Failed.to_string(),
+            node_name: self.slots[i].name.clone(),
+            old: old.to_string(),
+            new: new.to_string(),
             reason,
         });
-        Members::spawn_retry(self, i);
+    }
+
+    /// Replica `i` has missed chunks now: an in-sync one becomes stale.
+    pub(crate) fn note_missed(&self, i: usize) {
+        if self.slots[i].transition(ReplicaState::InSync, ReplicaState::Stale) {
+            self.announce(
+                i,
+                ReplicaState::InSync,
+                ReplicaState::Stale,
+                "it missed a write".into(),
+            );
+        }
+        self.poke();
+    }
+
+    /// Wake the background threads (new work for the healer).
+    pub(crate) fn poke(&self) {
+        self.wake.notify_all();
+    }
+
+    /// True once the disk is closing.
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.closed.lock()
     }
 
     fn spawn_retry(members: &Arc<Members>, i: usize) {
@@ -261,7 +325,7 @@ impl Members {
     }
 
     /// Wait `d` unless the disk closes first; true when closed.
-    fn wait(&self, d: Duration) -> bool {
+    pub(crate) fn wait(&self, d: Duration) -> bool {
         let mut closed = self.closed.lock();
         if !*closed {
             self.wake.wait_for(&mut closed, d);
@@ -272,7 +336,6 @@ impl Members {
     pub(crate) fn close(&self) {
         *self.closed.lock() = true;
         self.wake.notify_all();
-        self.events.flush_log();
     }
 
     fn retry_loop(&self, i: usize) {
@@ -282,15 +345,17 @@ impl Members {
             if self.wait(delay) {
                 return;
             }
-            match self.try_back(slot) {
+            match self.try_back(i) {
                 Ok(how) => {
-                    if slot.transition(ReplicaState::Failed, ReplicaState::InSync) {
-                        self.events.emit(Event::ReplicaState {
-                            node_name: slot.name.clone(),
-                            old: ReplicaState::Failed.to_string(),
-                            new: ReplicaState::InSync.to_string(),
-                            reason: how,
-                        });
+                    // Back with what it missed meanwhile recorded: stale
+                    // (resynced by the healer) unless it missed nothing.
+                    let to = match &self.heal {
+                        Some(h) if h.record.missed_count(i) > 0 => ReplicaState::Stale,
+                        _ => ReplicaState::InSync,
+                    };
+                    if slot.transition(ReplicaState::Failed, to) {
+                        self.announce(i, ReplicaState::Failed, to, how);
+                        self.poke();
                     }
                     return;
                 }
@@ -304,7 +369,8 @@ impl Members {
     }
 
     /// Reopen the replica if it never opened, then read its first block.
-    fn try_back(&self, slot: &Slot) -> Result<String, String> {
+    fn try_back(&self, i: usize) -> Result<String, String> {
+        let slot = &self.slots[i];
         let mut how = "it answers again";
         let reopened = {
             let reopen = slot.reopen.lock();
@@ -313,7 +379,7 @@ impl Members {
                 None => None,
             }
         };
-        if let Some(r) = reopened {
+        if let Some((r, identity)) = reopened {
             if r.size() != self.size {
                 return Err(format!(
                     "it opened with size {} bytes, but the disk has {} bytes",
@@ -321,9 +387,15 @@ impl Members {
                     self.size
                 ));
             }
+            if let Some(h) = &self.heal
+                && h.adopt(i, identity)
+            {
+                how = "it could be opened, but it is not the replica the record knows: rebuilding it in full";
+            } else {
+                how = "it could be opened";
+            }
             *slot.replica.write() = Arc::from(r);
             *slot.reopen.lock() = None;
-            how = "it could be opened";
         }
         let mut probe = vec![0u8; self.size.min(4096) as usize];
         slot.replica()

@@ -4,12 +4,20 @@
 //! did; the others start failed, each with a way to open it again that the
 //! retry thread uses (see [`crate::membership`]).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use quorum_config::DiskConfig;
+use quorum_config::model::{Source, StorageSource};
 use quorum_vote::Granularity;
 
-use crate::disk::{BuildError, Disk, Member, Options};
+use crate::disk::{BuildError, Disk, Member, Options, Tracking};
+use crate::record::{Record, RecordError};
+
+/// Bytes per write-intent (dirty) bit.
+pub const REGION: u64 = 4 << 20;
+/// Default bytes per missed-write bit.
+pub const CHUNK: u64 = 64 << 10;
 
 /// How to open a disk's replicas.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +33,14 @@ pub struct OpenOptions {
     /// Keep trying, in the background, to open the replicas that could not
     /// be opened (a daemon does; a one-shot check does not).
     pub retry_missing: bool,
+    /// The disk's record (write intent, missed writes, replica states);
+    /// `None` tracks nothing (benchmarks and tests only).
+    pub state: Option<PathBuf>,
+    /// Resync rate limit in bytes per second (0: none).
+    pub resync_rate: u64,
+    /// Bytes per missed-write bit (default [`CHUNK`]; a power of two,
+    /// 4 KiB to 4 MiB).
+    pub missed_granularity: Option<u64>,
 }
 
 /// A disk that could not be opened.
@@ -33,6 +49,25 @@ pub enum OpenError {
     /// Too few replicas opened, or the replicas do not form a valid quorum.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The disk's record could not be opened.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
+/// What identifies a replica: device and inode of a file or block device
+/// (another file put at the same path differs), the URI of an export.
+pub fn identity_of(src: &StorageSource) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let id = match &src.source {
+        Source::File { path } => std::fs::metadata(path)
+            .map(|m| format!("file {}:{}", m.dev(), m.ino()))
+            .ok(),
+        Source::Block { dev } => std::fs::metadata(dev)
+            .map(|m| format!("block {}", m.rdev()))
+            .ok(),
+        _ => Some(format!("nbd {}", src.display_name())),
+    };
+    id.map_or(0, |s| xxhash_rust::xxh3::xxh3_64(s.as_bytes()).max(1))
 }
 
 /// Engine options for a configuration.
@@ -114,23 +149,85 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
                     name,
                     replica: Ok(r),
                     reopen: None,
+                    identity: identity_of(src),
                 },
                 Err(e) => {
                     let src = src.clone();
                     let why = format!("{}: {}", src.display_name(), error_chain(&e));
                     let reopen: Option<crate::Reopen> = opts.retry_missing.then(|| {
                         Box::new(move || {
-                            quorum_replica::open(&src, &ropts).map_err(|e| error_chain(&e))
+                            quorum_replica::open(&src, &ropts)
+                                .map(|r| (r, identity_of(&src)))
+                                .map_err(|e| error_chain(&e))
                         }) as crate::Reopen
                     });
                     Member {
                         name,
                         replica: Err(why),
                         reopen,
+                        identity: 0,
                     }
                 }
             }
         })
         .collect();
-    Ok(Disk::assemble(members, options)?)
+    let tracking = match (&opts.state, first) {
+        (Some(path), Some((_, size))) => open_record(path, size, cfg, opts, options.read_only)?,
+        // Without a replica there is nothing to track; assembling fails.
+        _ => None,
+    };
+    Ok(Disk::assemble_tracked(members, options, tracking)?)
+}
+
+fn open_record(
+    path: &std::path::Path,
+    size: u64,
+    cfg: &DiskConfig,
+    opts: &OpenOptions,
+    read_only: bool,
+) -> Result<Option<Tracking>, OpenError> {
+    let chunk = opts.missed_granularity.unwrap_or(CHUNK);
+    if !chunk.is_power_of_two() || !(4096..=REGION).contains(&chunk) {
+        return Err(BuildError::Invalid(format!(
+            "the missed-write granularity must be a power of two from 4 KiB to 4 MiB, not {chunk} bytes"
+        ))
+        .into());
+    }
+    if read_only {
+        // Read the record to know what is stale; change nothing.
+        let o = Record::open_read_only(path, size, REGION, chunk, cfg.replicas.len())?;
+        return Ok(o.map(|o| Tracking {
+            record: o.record,
+            resync_rate: 0,
+        }));
+    }
+    let o = Record::open(path, size, REGION, chunk, cfg.replicas.len())?;
+    if let Some(why) = &o.distrust {
+        tracing::warn!(
+            state = %path.display(),
+            "state file {}: {why}; every region of the replicas will be compared and made equal (full resync)",
+            path.display()
+        );
+    }
+    if o.bad_pages > 0 {
+        tracing::warn!(
+            state = %path.display(),
+            "state file {}: {} page(s) failed their checksum; what they cover is treated as dirty and missed",
+            path.display(),
+            o.bad_pages
+        );
+    }
+    if let Some(prev) = &o.previous
+        && !prev.clean
+    {
+        tracing::warn!(
+            state = %path.display(),
+            "the disk was not stopped cleanly: {} dirty region(s) will be reconciled before use",
+            o.record.dirty_count()
+        );
+    }
+    Ok(Some(Tracking {
+        record: o.record,
+        resync_rate: opts.resync_rate,
+    }))
 }

@@ -74,6 +74,11 @@ pub struct Header {
     pub chunk: u64,
     /// The last daemon stopped cleanly (no dirty region left).
     pub clean: bool,
+    /// The dirty bits stand for "unknown", not for writes in flight: the
+    /// record was started afresh, so the replicas are compared by majority
+    /// only, never made equal by a guess. Cleared once every region was
+    /// compared.
+    pub compare_only: bool,
     /// Per replica, in disk order.
     pub replicas: Vec<ReplicaEntry>,
 }
@@ -257,6 +262,34 @@ impl Record {
         chunk: u64,
         replicas: usize,
     ) -> Result<Opened, RecordError> {
+        Record::open_mode(path, size, region, chunk, replicas, false)
+            .map(|o| o.expect("a writable open always gives a record"))
+    }
+
+    /// Open an existing record to read it only, with a shared lock (other
+    /// readers may hold it too, a writer may not). `None` when there is no
+    /// record or it cannot be trusted: nothing is created or changed.
+    pub fn open_read_only(
+        path: &Path,
+        size: u64,
+        region: u64,
+        chunk: u64,
+        replicas: usize,
+    ) -> Result<Option<Opened>, RecordError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        Record::open_mode(path, size, region, chunk, replicas, true)
+    }
+
+    fn open_mode(
+        path: &Path,
+        size: u64,
+        region: u64,
+        chunk: u64,
+        replicas: usize,
+        read_only: bool,
+    ) -> Result<Option<Opened>, RecordError> {
         let io_err = |what: &str, source: io::Error| RecordError::Io {
             path: path.to_owned(),
             what: what.to_owned(),
@@ -264,18 +297,24 @@ impl Record {
         };
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
+            && !read_only
         {
             std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create its folder", e))?;
         }
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
+            .write(!read_only)
+            .create(!read_only)
             .truncate(false)
             .open(path)
             .map_err(|e| io_err("cannot open", e))?;
+        let mode = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
         // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 return Err(RecordError::Locked(path.to_owned()));
@@ -321,6 +360,7 @@ impl Record {
                 }
                 (h.clone(), None, bad, Some(h))
             }
+            Err(_) if read_only => return Ok(None),
             Err(why) => {
                 // Start afresh: everything to compare, nothing known.
                 file.set_len(0).map_err(|e| io_err("cannot truncate", e))?;
@@ -331,6 +371,7 @@ impl Record {
                     region,
                     chunk,
                     clean: false,
+                    compare_only: true,
                     replicas: vec![ReplicaEntry::default(); replicas],
                 };
                 (h, Some(why), 0, None)
@@ -351,12 +392,12 @@ impl Record {
             record.sync()?;
             record.write_header(|_| {})?;
         }
-        Ok(Opened {
+        Ok(Some(Opened {
             record,
             distrust,
             bad_pages,
             previous,
-        })
+        }))
     }
 
     /// Where the record lives.
@@ -567,6 +608,7 @@ fn encode_header(h: &Header) -> Vec<u8> {
     b[48..52].copy_from_slice(&(h.chunk as u32).to_le_bytes());
     b[52] = u8::from(h.clean);
     b[53] = h.replicas.len() as u8;
+    b[54] = u8::from(h.compare_only);
     for (i, r) in h.replicas.iter().enumerate() {
         let at = HEADER_FIXED + i * REPLICA_ENTRY;
         b[at] = r.state;
@@ -610,6 +652,7 @@ fn decode_header(b: &[u8]) -> Result<Header, String> {
         region,
         chunk,
         clean: b[52] != 0,
+        compare_only: b[54] != 0,
         replicas: (0..n)
             .map(|i| {
                 let at = HEADER_FIXED + i * REPLICA_ENTRY;

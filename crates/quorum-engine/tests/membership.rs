@@ -33,6 +33,7 @@ fn opened(name: &str, r: Box<dyn Replica>) -> Member {
         name: name.into(),
         replica: Ok(r),
         reopen: None,
+        identity: 0,
     }
 }
 
@@ -41,6 +42,7 @@ fn missing(name: &str, why: &str) -> Member {
         name: name.into(),
         replica: Err(why.into()),
         reopen: None,
+        identity: 0,
     }
 }
 
@@ -225,11 +227,12 @@ fn replica_that_opens_late_joins_through_its_reopen() {
                 replica: Err("b.raw: not there yet".into()),
                 reopen: Some(Box::new(move || {
                     if flag.load(Ordering::SeqCst) {
-                        Ok(mem())
+                        Ok((mem(), 0))
                     } else {
                         Err("b.raw: not there yet".into())
                     }
                 })),
+                identity: 0,
             },
         ],
         with_threshold(1),
@@ -255,7 +258,8 @@ fn replica_that_opens_late_with_another_size_stays_failed() {
             Member {
                 name: "b".into(),
                 replica: Err("b.raw: not there yet".into()),
-                reopen: Some(Box::new(|| Ok(Box::new(MemReplica::new(4096))))),
+                reopen: Some(Box::new(|| Ok((Box::new(MemReplica::new(4096)), 0)))),
+                identity: 0,
             },
         ],
         with_threshold(1),

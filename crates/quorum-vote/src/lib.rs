@@ -257,6 +257,65 @@ fn winner_of(failures: impl Iterator<Item = (usize, i32)>) -> Option<i32> {
     groups.iter().find(|g| g.0 == first).map(|g| g.1)
 }
 
+/// Decide every block of a range that must be made equal on all replicas
+/// after a crash, whether or not it has a majority: per block, the largest
+/// group of identical copies wins; between groups of equal size the one
+/// whose content is not all zeroes wins (an unwritten block loses to
+/// data), then the one whose first member has the lowest index. `None`
+/// when no copy was read.
+///
+/// This is for regions with writes that were in flight when the daemon
+/// stopped: NBD promises nothing about unacknowledged writes, but the disk
+/// must stay readable, so one deterministic copy is chosen.
+pub fn vote_reconcile(
+    copies: &[Copy<'_>],
+    start_offset: u64,
+    granularity: Granularity,
+) -> Option<Vec<BlockVote>> {
+    let ok: Vec<(usize, &[u8])> = copies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match *c {
+            Copy::Data(d) => Some((i, d)),
+            Copy::Failed(_) => None,
+        })
+        .collect();
+    let len = ok.first()?.1.len();
+    let mut blocks = Vec::new();
+    let mut start = 0;
+    while start < len {
+        let end = match granularity {
+            Granularity::Request => len,
+            Granularity::Block(bs) => {
+                let bs = u64::from(bs.max(1));
+                let abs = start_offset + start as u64;
+                let next = (abs / bs + 1) * bs;
+                len.min(start + (next - abs) as usize)
+            }
+        };
+        // Groups: (first member, block, members, count).
+        let mut groups: Vec<(usize, &[u8], Mask, u32)> = Vec::with_capacity(ok.len());
+        for &(i, d) in &ok {
+            let block = &d[start..end];
+            match groups.iter_mut().find(|g| g.1 == block) {
+                Some(g) => {
+                    g.2 |= 1 << i;
+                    g.3 += 1;
+                }
+                None => groups.push((i, block, 1 << i, 1)),
+            }
+        }
+        let best = groups
+            .iter()
+            .max_by_key(|g| (g.3, g.1.iter().any(|&b| b != 0), std::cmp::Reverse(g.0)))
+            .expect("at least one copy");
+        let all: Mask = ok.iter().fold(0, |m, (i, _)| m | 1 << i);
+        push_merged(&mut blocks, start, end - start, best.0, all & !best.2);
+        start = end;
+    }
+    Some(blocks)
+}
+
 /// Vote on the results of a write, write-zeroes, discard or flush: success
 /// when at least `threshold` replicas succeeded, otherwise the errno vote.
 pub fn vote_status(results: &[Result<(), i32>], threshold: usize) -> Result<(), i32> {

@@ -324,3 +324,38 @@ fn has_tie(v: &[Option<Vec<u8>>]) -> bool {
         counts.iter().filter(|c| c.1 == max).count() > 1
     })
 }
+
+#[test]
+fn reconcile_takes_the_majority_where_there_is_one() {
+    let bufs = vec![vec![1u8; 4096], vec![2u8; 4096], vec![2u8; 4096]];
+    let b = vote_reconcile(&data(&bufs), 0, B).unwrap();
+    assert_eq!((b[0].source, b[0].dissent), (1, 0b001));
+}
+
+#[test]
+fn reconcile_breaks_a_tie_towards_data_then_the_lowest_index() {
+    let two = vec![vec![0u8; 4096], vec![9u8; 4096]];
+    let three = vec![vec![3u8; 4096], vec![4u8; 4096], vec![5u8; 4096]];
+    let a = vote_reconcile(&data(&two), 0, B).unwrap();
+    let b = vote_reconcile(&data(&three), 0, B).unwrap();
+    assert_eq!(
+        ((a[0].source, a[0].dissent), (b[0].source, b[0].dissent)),
+        ((1, 0b01), (0, 0b110))
+    );
+}
+
+#[test]
+fn reconcile_decides_each_block_and_skips_failed_copies() {
+    let mut r0 = vec![1u8; 8192];
+    r0[4096..].fill(7);
+    let r2 = vec![1u8; 8192];
+    let copies = [Copy::Data(&r0), Copy::Failed(5), Copy::Data(&r2)];
+    let b = vote_reconcile(&copies, 0, B).unwrap();
+    assert_eq!(
+        b.iter()
+            .map(|b| (b.start, b.source, b.dissent))
+            .collect::<Vec<_>>(),
+        vec![(0, 0, 0), (4096, 0, 0b100)]
+    );
+    assert_eq!(vote_reconcile(&[Copy::Failed(5)], 0, B), None);
+}

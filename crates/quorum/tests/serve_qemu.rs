@@ -165,11 +165,12 @@ fn scattered_corruption_reads_through_export_but_fails_in_qemu_quorum() {
     let disk = Disk::raw_filled(3, 4 * MIB, 0x5a, &opts);
     disk.fill(0, 0x01, 0, 4096);
     disk.fill(1, 0x02, 512 * 1024, 4096);
+    // QEMU first: our first start compares the replicas and repairs
+    // minority copies (a full resync without a record).
+    let qemu = qemu_io(&disk.qemu_quorum_json(&opts), &["read -P 0x5a 0 1M"]);
     let d = Daemon::start(&disk, &[]);
-
     let ours = qemu_io(&d.uri, &["read -P 0x5a 0 1M"]);
     assert_eq!(d.stop(), Some(0));
-    let qemu = qemu_io(&disk.qemu_quorum_json(&opts), &["read -P 0x5a 0 1M"]);
 
     assert_eq!(
         (ours.code, result_lines(&ours)),

@@ -24,6 +24,11 @@ const STEP: u64 = 4 << 20;
 /// 2 divergence found and not repaired, 3 some blocks have no quorum
 /// (never repaired by guessing), 1 any other error.
 ///
+/// The disk's record (see --state) tells which replicas missed writes:
+/// their missed ranges do not vote, and are listed as stale. With --repair,
+/// what an unclean stop left is reconciled and stale replicas are resynced
+/// first, then the scrub runs.
+///
 /// Example: quorum check examples/quorum.xml --repair
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -38,6 +43,8 @@ pub struct Args {
     /// Print a JSON report instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub record: super::state::StateArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,6 +67,11 @@ struct Report {
     skipped_bytes: u64,
     /// Replicas that could not be opened (checked without them).
     missing: Vec<Missing>,
+    /// Bytes each replica missed and has not been resynced (their ranges
+    /// do not vote); empty without a record.
+    stale_bytes: Vec<u64>,
+    /// Bytes copied to stale replicas by --repair before the scrub.
+    resynced_bytes: u64,
     ranges: Vec<Range>,
 }
 
@@ -80,9 +92,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let opts = OpenOptions {
         read_only: !args.repair,
+        state: args.record.path(&cfg),
+        missed_granularity: Some(args.record.missed_granularity),
         ..Default::default()
     };
     let disk = quorum_engine::open(&cfg, &opts)?;
+    let resynced = if args.repair { disk.heal_now() } else { 0 };
+    let stale = disk.missed_bytes().unwrap_or_default();
+    for (i, b) in stale.iter().enumerate().filter(|(_, b)| **b > 0) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "quorum check: replica-{i} is stale: {} missed and not resynced yet (serve resyncs it, or check --repair)",
+            human_size(*b)
+        );
+    }
     let missing = disk.failed_replicas();
     for (_, replica, why) in &missing {
         let _ = writeln!(
@@ -113,6 +136,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         threshold: cfg.threshold as usize,
         checked_bytes: checked,
         skipped_bytes: skipped,
+        stale_bytes: stale.clone(),
+        resynced_bytes: resynced,
         missing: missing
             .iter()
             .map(|(i, _, why)| Missing {
@@ -137,7 +162,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print_table(&report, &names);
     }
-    if !disk.flush_all().is_empty() {
+    if !disk.close().is_empty() {
         bail!("flushing the replicas after the check failed");
     }
     let code = if report.ranges.iter().any(|r| !r.quorum) {

@@ -6,5 +6,6 @@ pub mod dumpxml;
 pub mod probe;
 pub mod qemu_args;
 pub mod serve;
+pub mod state;
 pub mod util;
 pub mod validate;

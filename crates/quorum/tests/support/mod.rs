@@ -18,6 +18,13 @@ use std::time::{Duration, Instant};
 /// The quorum binary under test.
 pub const QUORUM: &str = env!("CARGO_BIN_EXE_quorum");
 
+/// Where the quorum commands the tests run keep disk records (not the
+/// machine's /var/lib/quorum): records are named by the replicas' paths,
+/// which are unique temp dirs, so tests never share one.
+pub fn state_dir() -> PathBuf {
+    std::env::temp_dir().join("quorum-test-state")
+}
+
 /// Default bound for one peer command.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -75,6 +82,9 @@ impl std::fmt::Display for Output {
 /// Run `cmd` with `timeout`, capturing stdout and stderr. Panics (after
 /// killing it) if it runs past the timeout.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    if cmd.get_program() == QUORUM {
+        cmd.env("QUORUM_STATE_DIR", state_dir());
+    }
     let desc = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
@@ -514,7 +524,8 @@ impl Daemon {
         let log = dir.join("serve.log");
         let out_path = dir.join("serve.out");
         let mut cmd = Command::new(QUORUM);
-        cmd.arg("serve")
+        cmd.env("QUORUM_STATE_DIR", state_dir())
+            .arg("serve")
             .arg(xml)
             .arg("--socket")
             .arg(&socket)

@@ -1,0 +1,721 @@
+//! Getting redundancy back: write intent, missed chunks, reconciliation
+//! after an unclean stop, and the online resync.
+//!
+//! ```text
+//!  write ──▶ settle its regions ──▶ range lock ──▶ begin_write: dirty bit, fdatasync
+//!                                                  fan out to every replica that is up
+//!                                                  end_write: missed bits of replicas it
+//!                                                  did not reach, fdatasync, then ack
+//!  read ──▶ settle its regions ──▶ range lock ──▶ vote among replicas that missed nothing here
+//!
+//!  healer thread (one per disk):
+//!    1. settle the regions left dirty by an unclean stop (also done on demand by
+//!       the first request that touches one): per block, the largest group of
+//!       replicas that did not miss it wins, ties broken deterministically
+//!       (quorum_vote::vote_reconcile), and every replica is made equal
+//!    2. resync: copy each stale replica's missed chunks from voted data,
+//!       throttled; flush it; then clear its bits; in-sync when none is left
+//!    3. every few seconds, flush every replica and clear the dirty bits of the
+//!       regions whose writes all ended before that flush began
+//! ```
+//!
+//! Ordering: a region is settled under an exclusive range lock before any
+//! request in it runs; resync copies a chunk under the chunk's exclusive
+//! range lock, so a guest write to it either happens before (and is copied)
+//! or after (and reaches the replica itself). What the record stores and
+//! when it is synced is said in [`crate::record`].
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use quorum_vote::{Copy, Granularity, Mask, Verdict, vote_read, vote_reconcile};
+
+use crate::membership::{Members, ReplicaState, is_unreachable};
+use crate::record::{Record, RecordError};
+
+/// How often idle dirty regions are flushed and cleared.
+const CLEAN_EVERY: Duration = Duration::from_secs(5);
+/// How often resync progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Chunks copied between two flushes of the replica being resynced.
+const BATCH_CHUNKS: u64 = 128;
+
+/// Write intent and missed-chunk tracking of one disk.
+#[derive(Debug)]
+pub(crate) struct Heal {
+    pub(crate) record: Record,
+    region: u64,
+    chunk: u64,
+    threshold: usize,
+    intent: Mutex<Intent>,
+    /// Counts ended writes; a region's `ended` is the value after its last.
+    epoch: AtomicU64,
+    /// Regions to reconcile before anything reads or writes them.
+    unsettled: Mutex<Vec<bool>>,
+    unsettled_left: AtomicU64,
+    /// The unsettled regions come from a record started afresh: compare
+    /// them by the disk's threshold only (see `Header::compare_only`).
+    compare_only: std::sync::atomic::AtomicBool,
+    /// Resync rate limit in bytes per second (0: none).
+    rate: u64,
+    /// Bytes the resync copied so far (all replicas).
+    copied: AtomicU64,
+    /// Bytes rewritten while settling regions.
+    reconciled: AtomicU64,
+    /// False on a read-only disk: the record is read, never written, and
+    /// nothing is reconciled or resynced.
+    active: bool,
+}
+
+#[derive(Debug)]
+struct Intent {
+    /// Writes in flight per region.
+    inflight: Vec<u32>,
+    /// Epoch at which the region's last write ended.
+    ended: Vec<u64>,
+}
+
+/// What [`Heal::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealStats {
+    /// Bytes copied by the resync since the disk opened.
+    pub resync_bytes: u64,
+    /// Bytes rewritten while reconciling regions after an unclean stop.
+    pub reconciled_bytes: u64,
+    /// Regions still to reconcile.
+    pub unsettled_regions: u64,
+    /// Dirty regions in the record.
+    pub dirty_regions: u64,
+}
+
+impl Heal {
+    /// Track a disk with `record`; every region the record has dirty is
+    /// reconciled before use.
+    pub(crate) fn new(record: Record, threshold: usize, rate: u64, active: bool) -> Heal {
+        let h = record.header();
+        let regions = record.regions() as usize;
+        let mut unsettled = vec![false; regions];
+        let dirty = record.dirty_regions();
+        for &r in &dirty {
+            unsettled[r as usize] = true;
+        }
+        Heal {
+            region: h.region,
+            chunk: h.chunk,
+            threshold,
+            intent: Mutex::new(Intent {
+                inflight: vec![0; regions],
+                ended: vec![0; regions],
+            }),
+            epoch: AtomicU64::new(0),
+            unsettled: Mutex::new(unsettled),
+            unsettled_left: AtomicU64::new(dirty.len() as u64),
+            compare_only: std::sync::atomic::AtomicBool::new(h.compare_only),
+            rate,
+            copied: AtomicU64::new(0),
+            reconciled: AtomicU64::new(0),
+            active,
+            record,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> HealStats {
+        HealStats {
+            resync_bytes: self.copied.load(Ordering::Relaxed),
+            reconciled_bytes: self.reconciled.load(Ordering::Relaxed),
+            unsettled_regions: self.unsettled_left.load(Ordering::Acquire),
+            dirty_regions: self.record.dirty_count(),
+        }
+    }
+
+    fn regions(&self, offset: u64, len: u64) -> Range<u64> {
+        offset / self.region..(offset + len.max(1)).div_ceil(self.region)
+    }
+
+    fn chunks(&self, offset: u64, len: u64) -> Range<u64> {
+        offset / self.chunk..(offset + len.max(1)).div_ceil(self.chunk)
+    }
+
+    /// Persist replica `i`'s state (logged, not fatal, on failure).
+    pub(crate) fn save_state(&self, i: usize, state: ReplicaState) {
+        if !self.active {
+            return;
+        }
+        if let Err(e) = self
+            .record
+            .write_header(|h| h.replicas[i].state = state as u8)
+        {
+            tracing::error!(error = %e, "cannot record a replica state change");
+        }
+    }
+
+    /// A replica opened with `identity` (0: unknown). Returns true if the
+    /// record knew another replica in its place: then everything is
+    /// missed on it and it is to be rebuilt in full.
+    pub(crate) fn adopt(&self, i: usize, identity: u64) -> bool {
+        let known = self.record.header().replicas[i].identity;
+        let replaced = identity != 0 && known != 0 && known != identity;
+        if !self.active {
+            return replaced;
+        }
+        if replaced {
+            self.record.mark_all_missed(i);
+            if let Err(e) = self.record.sync() {
+                tracing::error!(error = %e, "cannot record a replaced replica");
+            }
+        }
+        let res = self.record.write_header(|h| {
+            let e = &mut h.replicas[i];
+            if identity != 0 {
+                e.identity = identity;
+            }
+            e.generation += 1;
+            if replaced {
+                e.state = ReplicaState::New as u8;
+            }
+        });
+        if let Err(e) = res {
+            tracing::error!(error = %e, "cannot record a replica's identity");
+        }
+        replaced
+    }
+
+    /// Before a write reaches any replica: its regions are dirty, durably.
+    pub(crate) fn begin_write(&self, offset: u64, len: u64) -> Result<(), RecordError> {
+        let regions = self.regions(offset, len);
+        {
+            let mut intent = self.intent.lock();
+            for r in regions.clone() {
+                intent.inflight[r as usize] += 1;
+            }
+            self.record.mark_dirty(regions.clone());
+        }
+        // Returns at once when the bits are already durable.
+        self.record
+            .sync()
+            .inspect_err(|_| self.end_inflight(regions))
+    }
+
+    fn end_inflight(&self, regions: Range<u64>) {
+        let e = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut intent = self.intent.lock();
+        for r in regions {
+            intent.inflight[r as usize] -= 1;
+            intent.ended[r as usize] = e;
+        }
+    }
+
+    /// After the write: the replicas in `missed` did not get it; their
+    /// missed bits are durable when this returns, before the ack.
+    pub(crate) fn end_write(&self, offset: u64, len: u64, missed: Mask) -> Result<(), RecordError> {
+        let mut res = Ok(());
+        if missed != 0 {
+            let chunks = self.chunks(offset, len);
+            for i in (0..64).filter(|i| missed & (1 << i) != 0) {
+                self.record.mark_missed(i, chunks.clone());
+            }
+            res = self.record.sync();
+        }
+        self.end_inflight(self.regions(offset, len));
+        res
+    }
+
+    /// Replicas that missed something in `[offset, offset + len)`.
+    pub(crate) fn missed_mask(&self, n: usize, offset: u64, len: u64) -> Mask {
+        let chunks = self.chunks(offset, len);
+        (0..n)
+            .filter(|&i| self.record.missed_any(i, chunks.clone()))
+            .fold(0, |m, i| m | 1 << i)
+    }
+
+    fn is_unsettled(&self, r: u64) -> bool {
+        self.unsettled.lock()[r as usize]
+    }
+
+    fn next_unsettled(&self) -> Option<u64> {
+        if self.unsettled_left.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.unsettled
+            .lock()
+            .iter()
+            .position(|&u| u)
+            .map(|r| r as u64)
+    }
+
+    fn settled(&self, r: u64) {
+        let mut u = self.unsettled.lock();
+        if std::mem::take(&mut u[r as usize])
+            && self.unsettled_left.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.compare_only.swap(false, Ordering::AcqRel)
+        {
+            drop(u);
+            if let Err(e) = self.record.write_header(|h| h.compare_only = false) {
+                tracing::error!(error = %e, "cannot record the end of the full comparison");
+            }
+            tracing::info!("every region of the replicas has been compared");
+        }
+    }
+}
+
+/// Region bounds, clipped to the disk.
+fn bounds(start: u64, len: u64, size: u64) -> (u64, u64) {
+    (start, (start + len).min(size) - start)
+}
+
+impl Members {
+    fn heal(&self) -> &Heal {
+        self.heal
+            .as_ref()
+            .expect("only called on disks with a record")
+    }
+
+    /// Reconcile the unsettled regions of `[offset, offset + len)` before
+    /// a request touches them. Cheap when nothing is unsettled.
+    pub(crate) fn settle_range(self: &Arc<Self>, offset: u64, len: u64) {
+        let Some(h) = &self.heal else { return };
+        if !h.active || h.unsettled_left.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        for r in h.regions(offset, len) {
+            if h.is_unsettled(r) {
+                self.settle_region(r);
+            }
+        }
+    }
+
+    /// Replicas a read of `[offset, offset + len)` must not ask: those that
+    /// missed something there.
+    pub(crate) fn stale_mask(&self, offset: u64, len: u64) -> Mask {
+        let Some(h) = &self.heal else { return 0 };
+        if self.slots.iter().all(|s| s.state() == ReplicaState::InSync) {
+            return 0;
+        }
+        let lagging = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !matches!(s.state(), ReplicaState::InSync | ReplicaState::Failed))
+            .fold(0, |m: Mask, (i, _)| m | 1 << i);
+        h.missed_mask(self.slots.len(), offset, len) & lagging
+    }
+
+    /// Record that the replicas in `missed` missed `[offset, offset + len)`
+    /// (durably); in-sync ones become stale.
+    fn record_missed(&self, missed: Mask, offset: u64, len: u64) {
+        let h = self.heal();
+        let chunks = h.chunks(offset, len);
+        for i in (0..self.slots.len()).filter(|i| missed & (1 << i) != 0) {
+            h.record.mark_missed(i, chunks.clone());
+        }
+        if let Err(e) = h.record.sync() {
+            tracing::error!(error = %e, "cannot record missed chunks");
+        }
+        for i in (0..self.slots.len()).filter(|i| missed & (1 << i) != 0) {
+            self.note_missed(i);
+        }
+    }
+
+    /// Make every replica equal in region `r` (see the module doc).
+    fn settle_region(self: &Arc<Self>, r: u64) {
+        let h = self.heal();
+        let (start, len) = bounds(r * h.region, h.region, self.size);
+        let _g = self.ranges.lock(start, len, true);
+        if !h.is_unsettled(r) {
+            return;
+        }
+        let n = self.slots.len();
+        // Replicas that are not up miss whatever is made equal here.
+        let down: Mask = (0..n)
+            .filter(|&i| !self.slots[i].is_up())
+            .fold(0, |m, i| m | 1 << i);
+        let mut missed: Mask = 0;
+        let mut written: Mask = 0;
+        let mut complete = true;
+        let mut at = start;
+        while at < start + len {
+            let piece = h.chunk.min(start + len - at);
+            let eligible: Vec<usize> = (0..n)
+                .filter(|&i| down & (1 << i) == 0 && !h.record.missed_any(i, h.chunks(at, piece)))
+                .collect();
+            let mut bufs: Vec<Option<Vec<u8>>> = vec![None; n];
+            for &i in &eligible {
+                let mut b = vec![0u8; piece as usize];
+                match self.slots[i].replica().read_at(&mut b, at) {
+                    Ok(()) => bufs[i] = Some(b),
+                    Err(e) => {
+                        if is_unreachable(&e) {
+                            self.fail(i, &e);
+                        }
+                        missed |= 1 << i;
+                    }
+                }
+            }
+            let copies: Vec<Copy<'_>> = bufs
+                .iter()
+                .map(|b| b.as_deref().map_or(Copy::Failed(libc::EIO), Copy::Data))
+                .collect();
+            let decided = if h.compare_only.load(Ordering::Acquire) {
+                // Nothing is known of this region: only a majority decides.
+                let ok = copies.iter().filter(|c| matches!(c, Copy::Data(_))).count();
+                match vote_read(&copies, h.threshold.min(n), at, Granularity::Block(4096)) {
+                    _ if ok == 0 => None,
+                    Verdict::Agreed { blocks, .. } => Some(blocks),
+                    Verdict::NoQuorum { decided, .. } => Some(decided),
+                }
+            } else {
+                vote_reconcile(&copies, at, Granularity::Block(4096))
+            };
+            match decided {
+                None => complete = false,
+                Some(blocks) => {
+                    for b in blocks.iter().filter(|b| b.dissent != 0) {
+                        let data = bufs[b.source].as_ref().expect("winner was read");
+                        let data = data[b.start..b.start + b.len].to_vec();
+                        for j in (0..n).filter(|j| b.dissent & (1 << j) != 0) {
+                            match self.slots[j].replica().write_at(
+                                &data,
+                                at + b.start as u64,
+                                false,
+                            ) {
+                                Ok(()) => {
+                                    written |= 1 << j;
+                                    h.reconciled.fetch_add(b.len as u64, Ordering::Relaxed);
+                                }
+                                Err(_) => missed |= 1 << j,
+                            }
+                        }
+                    }
+                }
+            }
+            at += piece;
+        }
+        for j in (0..n).filter(|j| written & (1 << j) != 0) {
+            if self.slots[j].replica().flush().is_err() {
+                missed |= 1 << j;
+            }
+        }
+        if missed | down != 0 {
+            self.record_missed(missed | down, start, len);
+        }
+        if complete {
+            h.settled(r);
+            h.record.clear_dirty(r);
+        }
+    }
+
+    /// The replica the resync works on next, if any; moves replicas with
+    /// nothing left to in-sync.
+    fn next_to_resync(&self) -> Option<usize> {
+        let h = self.heal();
+        let mut pick = None;
+        for (i, s) in self.slots.iter().enumerate() {
+            let st = s.state();
+            if !matches!(
+                st,
+                ReplicaState::Stale | ReplicaState::Resyncing | ReplicaState::New
+            ) {
+                continue;
+            }
+            if h.record.missed_count(i) == 0 {
+                if s.transition(st, ReplicaState::InSync) {
+                    self.announce(i, st, ReplicaState::InSync, "resync completed".into());
+                    tracing::info!(replica = %s.name, "resync of {} completed", s.name);
+                }
+            } else if pick.is_none() {
+                pick = Some(i);
+            }
+        }
+        pick
+    }
+
+    /// Copy up to a batch of replica `i`'s missed chunks; returns the bytes
+    /// copied (0 when nothing could be).
+    fn resync_batch(self: &Arc<Self>, i: usize, from: &mut u64) -> u64 {
+        let h = self.heal();
+        let slot = &self.slots[i];
+        let st = slot.state();
+        if st != ReplicaState::Resyncing && slot.transition(st, ReplicaState::Resyncing) {
+            self.announce(
+                i,
+                st,
+                ReplicaState::Resyncing,
+                "copying what it missed".into(),
+            );
+        }
+        let n = self.slots.len();
+        let mut done = Vec::new();
+        let mut bytes = 0;
+        let mut c = match h.record.next_missed(i, *from) {
+            Some(c) => c,
+            None => {
+                *from = 0;
+                match h.record.next_missed(i, 0) {
+                    Some(c) => c,
+                    None => return 0,
+                }
+            }
+        };
+        for _ in 0..BATCH_CHUNKS {
+            let (start, len) = bounds(c * h.chunk, h.chunk, self.size);
+            let _g = self.ranges.lock(start, len, true);
+            if !slot.is_up() || self.is_closed() {
+                break;
+            }
+            let sources: Vec<usize> = (0..n)
+                .filter(|&j| j != i && self.slots[j].is_up() && !h.record.missed_any(j, c..c + 1))
+                .collect();
+            let mut bufs: Vec<Option<Vec<u8>>> = vec![None; n];
+            for &j in &sources {
+                let mut b = vec![0u8; len as usize];
+                if self.slots[j].replica().read_at(&mut b, start).is_ok() {
+                    bufs[j] = Some(b);
+                }
+            }
+            let ok = bufs.iter().filter(|b| b.is_some()).count();
+            let copies: Vec<Copy<'_>> = bufs
+                .iter()
+                .map(|b| b.as_deref().map_or(Copy::Failed(libc::EIO), Copy::Data))
+                .collect();
+            if ok > 0
+                && let Verdict::Agreed { blocks, .. } = vote_read(
+                    &copies,
+                    h.threshold.min(ok),
+                    start,
+                    Granularity::Block(4096),
+                )
+            {
+                let mut data = vec![0u8; len as usize];
+                for b in &blocks {
+                    let src = bufs[b.source].as_ref().expect("winner was read");
+                    data[b.start..b.start + b.len].copy_from_slice(&src[b.start..b.start + b.len]);
+                }
+                match slot.replica().write_at(&data, start, false) {
+                    Ok(()) => {
+                        done.push(c);
+                        bytes += len;
+                    }
+                    Err(e) => {
+                        if is_unreachable(&e) {
+                            self.fail(i, &e);
+                        }
+                        break;
+                    }
+                }
+            } else {
+                tracing::warn!(
+                    replica = %slot.name,
+                    offset = start,
+                    "resync: the replicas to copy from do not agree on this chunk (or cannot be read); leaving it for later"
+                );
+            }
+            drop(_g);
+            match h.record.next_missed(i, c + 1) {
+                Some(next) => c = next,
+                None => {
+                    c = 0;
+                    break;
+                }
+            }
+        }
+        *from = c;
+        if done.is_empty() {
+            return 0;
+        }
+        // Bits are cleared only once the copies are flushed on the replica.
+        match slot.replica().flush() {
+            Ok(()) => {
+                for c in &done {
+                    h.record.clear_missed(i, *c);
+                }
+                if let Err(e) = h.record.sync() {
+                    tracing::error!(error = %e, "cannot record resync progress");
+                }
+                h.copied.fetch_add(bytes, Ordering::Relaxed);
+                bytes
+            }
+            Err(e) => {
+                if is_unreachable(&e) {
+                    self.fail(i, &e);
+                }
+                0
+            }
+        }
+    }
+
+    /// Flush every replica and clear the dirty bits of regions whose writes
+    /// all ended before the flush began (every one, with `all`, at close).
+    pub(crate) fn clean_dirty(&self) -> bool {
+        let h = self.heal();
+        let dirty = h.record.dirty_regions();
+        if dirty.is_empty() {
+            return true;
+        }
+        let epoch = h.epoch.load(Ordering::Acquire);
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.is_up()
+                && let Err(e) = s.replica().flush()
+            {
+                tracing::debug!(replica = %self.slots[i].name, error = %e, "flush before clearing dirty regions failed");
+                return false;
+            }
+        }
+        {
+            let intent = h.intent.lock();
+            let unsettled = h.unsettled.lock();
+            for r in dirty {
+                let k = r as usize;
+                if intent.inflight[k] == 0 && intent.ended[k] <= epoch && !unsettled[k] {
+                    h.record.clear_dirty(r);
+                }
+            }
+        }
+        if let Err(e) = h.record.sync() {
+            tracing::error!(error = %e, "cannot record cleared dirty regions");
+        }
+        h.record.dirty_count() == 0
+    }
+
+    /// At close: clear what can be cleared and mark the record clean when
+    /// no dirty region is left.
+    pub(crate) fn close_heal(&self) {
+        let Some(h) = self.heal.as_ref().filter(|h| h.active) else {
+            return;
+        };
+        let clean = self.clean_dirty();
+        let states: Vec<u8> = self.slots.iter().map(|s| s.state() as u8).collect();
+        let res = h.record.write_header(|hd| {
+            hd.clean = clean;
+            for (e, s) in hd.replicas.iter_mut().zip(&states) {
+                e.state = *s;
+            }
+        });
+        if let Err(e) = res {
+            tracing::error!(error = %e, "cannot mark the record clean");
+        }
+    }
+
+    /// Start the healer thread.
+    pub(crate) fn spawn_healer(self: &Arc<Self>) -> Option<std::thread::JoinHandle<()>> {
+        if !self.heal.as_ref()?.active {
+            return None;
+        }
+        let m = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("quorum-heal".into())
+            .spawn(move || m.healer_loop())
+            .inspect_err(|e| tracing::error!(error = %e, "cannot start the resync thread"))
+            .ok()
+    }
+
+    /// Reconcile every unsettled region and resync every stale replica
+    /// now, unthrottled (for `quorum check --repair`). Returns the bytes
+    /// copied to stale replicas.
+    pub(crate) fn heal_now(self: &Arc<Self>) -> u64 {
+        let Some(h) = self.heal.as_ref().filter(|h| h.active) else {
+            return 0;
+        };
+        while let Some(r) = h.next_unsettled() {
+            self.settle_region(r);
+            if h.is_unsettled(r) {
+                break;
+            }
+        }
+        let mut copied = 0;
+        let mut from = vec![0u64; self.slots.len()];
+        while let Some(i) = self.next_to_resync() {
+            let n = self.resync_batch(i, &mut from[i]);
+            if n == 0 && from[i] == 0 {
+                break;
+            }
+            copied += n;
+        }
+        self.clean_dirty();
+        copied
+    }
+
+    fn healer_loop(self: Arc<Self>) {
+        let h = self.heal();
+        let mut last_clean = Instant::now();
+        let mut progress = Progress::default();
+        let mut from = vec![0u64; self.slots.len()];
+        loop {
+            if self.is_closed() {
+                return;
+            }
+            let mut busy = false;
+            if let Some(r) = h.next_unsettled() {
+                self.settle_region(r);
+                busy = true;
+            } else if let Some(i) = self.next_to_resync() {
+                let n = self.resync_batch(i, &mut from[i]);
+                busy = n > 0;
+                progress.add(&self, i, n);
+                if h.rate > 0 && n > 0 {
+                    // Throttle: as long as copying n bytes at the rate takes.
+                    let d = Duration::from_secs_f64(n as f64 / h.rate as f64);
+                    let spent = progress.batch_started.elapsed();
+                    if d > spent && self.wait(d - spent) {
+                        return;
+                    }
+                }
+                progress.batch_started = Instant::now();
+            }
+            if last_clean.elapsed() >= CLEAN_EVERY {
+                self.clean_dirty();
+                last_clean = Instant::now();
+            }
+            if !busy && self.wait(Duration::from_millis(500)) {
+                return;
+            }
+        }
+    }
+}
+
+/// Resync progress, for the log.
+#[derive(Debug)]
+struct Progress {
+    since: Instant,
+    logged: Instant,
+    bytes: u64,
+    batch_started: Instant,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        let now = Instant::now();
+        Progress {
+            since: now,
+            logged: now,
+            bytes: 0,
+            batch_started: now,
+        }
+    }
+}
+
+impl Progress {
+    fn add(&mut self, m: &Members, i: usize, n: u64) {
+        self.bytes += n;
+        if self.logged.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        let h = m.heal();
+        let left = h.record.missed_count(i) * h.chunk;
+        let secs = self.since.elapsed().as_secs_f64().max(0.001);
+        let rate = self.bytes as f64 / secs;
+        let total = left + self.bytes;
+        tracing::info!(
+            replica = %m.slots[i].name,
+            "resync of {}: {:.0}% ({} MiB left), {:.0} MiB/s, ETA {:.0} s",
+            m.slots[i].name,
+            100.0 * self.bytes as f64 / total.max(1) as f64,
+            left >> 20,
+            rate / f64::from(1 << 20),
+            left as f64 / rate.max(1.0)
+        );
+        self.logged = Instant::now();
+    }
+}
