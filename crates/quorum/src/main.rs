@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod output;
 mod server;
+mod signals;
 
 /// A voted virtual disk over N replicas, configured with libvirt disk XML.
 ///

@@ -1,0 +1,216 @@
+//! Issue 9 ("Hardening") end to end against the real binary and its peers:
+//!
+//! 1. a closed stderr/stdout must not turn majority reads into EIO or keep
+//!    `serve` from starting or stopping;
+//!
+//! Daemons are waited for by their socket (bounded), stopped by PID, and
+//! killed by PID on drop even when an assertion fails.
+
+mod common;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::nbd_raw::RawClient;
+use support::{Disk, Format, Options, QUORUM, qemu_io, require};
+
+const MIB: u64 = 1 << 20;
+const KIB64: usize = 64 << 10;
+
+/// A pipe whose reader is already gone: every write to it fails with EPIPE,
+/// as writes to `| head -1` do once head has exited.
+fn closed_pipe() -> Stdio {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    writer.into()
+}
+
+/// Wait (bounded) for `child` to exit.
+fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Send `sig` to `pid`.
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the PID of a child we have not reaped yet.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+}
+
+/// Any NBD server (quorum serve, qemu-nbd, qemu-storage-daemon) on a unix
+/// socket; killed by PID on drop.
+struct Server {
+    name: &'static str,
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Start `cmd` (its stdout and stderr as the caller set them, or into
+    /// `log`) and wait, bounded, until `socket` accepts.
+    fn start(name: &'static str, mut cmd: Command, socket: &Path, log: &Path) -> Server {
+        cmd.stdin(Stdio::null());
+        let mut server = Server {
+            name,
+            child: Some(
+                cmd.spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {name}: {e}")),
+            ),
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(st) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                server.child = None;
+                panic!(
+                    "{name} exited before serving ({st}):\n{}",
+                    server.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not accept on {} within 20 s:\n{}",
+                socket.display(),
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send `sig` and wait up to 20 s for the exit; `None` if it did not exit.
+    fn signal_and_wait(&mut self, sig: libc::c_int) -> Option<ExitStatus> {
+        signal(self.pid(), sig);
+        let st = wait_exit(self.child.as_mut().unwrap(), Duration::from_secs(20));
+        if st.is_some() {
+            self.child = None;
+        }
+        st
+    }
+
+    /// Assert the server still answers a read.
+    fn assert_serving(&self, export: &str) {
+        let mut c = RawClient::connect(&self.socket, export);
+        assert_eq!(
+            c.read(0, 4096).map(|d| d.len()),
+            Ok(4096),
+            "{} stopped answering",
+            self.name
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `quorum serve` on `disk` with stdout and stderr as given.
+fn quorum_serve(disk: &Disk, stdout: Stdio, stderr: Stdio) -> Server {
+    let socket = disk.file("nbd.sock");
+    let mut cmd = Command::new(QUORUM);
+    cmd.arg("serve")
+        .arg(&disk.xml)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--pid-file")
+        .arg(disk.file("quorum.pid"))
+        .stdout(stdout)
+        .stderr(stderr);
+    Server::start("quorum serve", cmd, &socket, &disk.file("serve.log"))
+}
+
+/// Three raw replicas of 4 MiB; replicas 0 and 1 hold 0xaa in the first
+/// 64 KiB, replica 2 holds 0xbb there: a read of it is a 2-of-3 majority
+/// that votes replica 2 out (and logs that).
+fn disk_with_one_dissenter() -> Disk {
+    let disk = Disk::new(&[Format::Raw; 3], 4 * MIB, &Options::default());
+    disk.fill(0, 0xaa, 0, KIB64 as u64);
+    disk.fill(1, 0xaa, 0, KIB64 as u64);
+    disk.fill(2, 0xbb, 0, KIB64 as u64);
+    disk
+}
+
+/// Read the 64 KiB the majority holds, through qemu-io.
+#[track_caller]
+fn assert_majority_read(uri: &str) {
+    let out = qemu_io(uri, &["read -P 0xaa 0 64k"]);
+    assert!(
+        out.ok() && out.stdout.contains("read 65536/65536 bytes at offset 0"),
+        "a 2-of-3 majority read failed: {out}"
+    );
+}
+
+// ---- item 1: a closed stderr or stdout ----------------------------------
+
+/// `quorum serve 2>&1 | head -1`: the log reader is gone. A read that votes
+/// one replica out logs a warning into the closed pipe; it must still
+/// return the majority's data, SIGPIPE must not kill the daemon, and
+/// SIGTERM must still stop it cleanly.
+#[test]
+fn serve_with_closed_stderr_returns_majority_reads_and_stops_on_sigterm() {
+    require("qemu-io");
+    let disk = disk_with_one_dissenter();
+    let out = std::fs::File::create(disk.file("serve.out")).unwrap();
+    let mut server = quorum_serve(&disk, out.into(), closed_pipe());
+    let uri = format!("nbd+unix:///vda?socket={}", server.socket.display());
+
+    signal(server.pid(), libc::SIGPIPE);
+    server.assert_serving("vda");
+    assert_majority_read(&uri);
+    assert_majority_read(&uri);
+    let st = server.signal_and_wait(libc::SIGTERM);
+
+    assert_eq!(
+        st.map(|s| s.code()),
+        Some(Some(0)),
+        "SIGTERM did not stop serve cleanly"
+    );
+    assert!(!server.socket.exists(), "socket left behind");
+    assert!(!disk.file("quorum.pid").exists(), "pid file left behind");
+}
+
+/// `quorum serve | true` with stderr closed too: serve starts, serves the
+/// majority, and stops on SIGINT, having lost only its text.
+#[test]
+fn serve_with_closed_stdout_and_stderr_starts_serves_and_stops_on_sigint() {
+    require("qemu-io");
+    let disk = disk_with_one_dissenter();
+    let mut server = quorum_serve(&disk, closed_pipe(), closed_pipe());
+    let uri = format!("nbd+unix:///vda?socket={}", server.socket.display());
+
+    assert_majority_read(&uri);
+    let st = server.signal_and_wait(libc::SIGINT);
+
+    assert_eq!(
+        st.map(|s| s.code()),
+        Some(Some(0)),
+        "SIGINT did not stop serve cleanly"
+    );
+    assert!(!server.socket.exists(), "socket left behind");
+}
