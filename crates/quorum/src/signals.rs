@@ -1,5 +1,6 @@
-//! The signals that stop `quorum serve`: SIGTERM and SIGINT stop the daemon
-//! gracefully (in-flight requests finish, replicas are flushed and
+//! The signals that stop `quorum serve`, handled as qemu-nbd and
+//! qemu-storage-daemon handle them: SIGTERM, SIGINT and SIGHUP all stop the
+//! daemon gracefully (in-flight requests finish, replicas are flushed and
 //! unlocked, the socket and pid file are removed, exit status 0). SIGPIPE
 //! is ignored, so a client or log reader that goes away costs an EPIPE on
 //! that one write, never the process.
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 pub struct StopSignals {
     term: Signal,
     int: Signal,
+    hup: Signal,
 }
 
 impl StopSignals {
@@ -22,6 +24,7 @@ impl StopSignals {
         Ok(StopSignals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -31,6 +34,7 @@ impl StopSignals {
         let name = tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
+            _ = self.hup.recv() => "SIGHUP",
         };
         shutdown.cancel();
         tracing::info!("{name}: shutting down");

@@ -2,6 +2,8 @@
 //!
 //! 1. a closed stderr/stdout must not turn majority reads into EIO or keep
 //!    `serve` from starting or stopping;
+//! 2. SIGHUP stops `serve` gracefully, as it stops qemu-nbd and
+//!    qemu-storage-daemon (compared in the test), and SIGPIPE is ignored;
 //!
 //! Daemons are waited for by their socket (bounded), stopped by PID, and
 //! killed by PID on drop even when an assertion fails.
@@ -14,7 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::nbd_raw::RawClient;
-use support::{Disk, Format, Options, QUORUM, qemu_io, require};
+use support::{Disk, Format, Options, QUORUM, qemu_io, require, tool};
 
 const MIB: u64 = 1 << 20;
 const KIB64: usize = 64 << 10;
@@ -213,4 +215,190 @@ fn serve_with_closed_stdout_and_stderr_starts_serves_and_stops_on_sigint() {
         "SIGINT did not stop serve cleanly"
     );
     assert!(!server.socket.exists(), "socket left behind");
+}
+
+// ---- item 2: SIGHUP (and SIGPIPE) as qemu-nbd and qemu-storage-daemon --
+
+/// 200 writes of 64 KiB, each different, none flushed (no FUA, no FLUSH);
+/// returns the data and the client, still connected.
+fn write_unflushed(socket: &Path, export: &str) -> (Vec<u8>, RawClient) {
+    let data = pattern(200 * KIB64);
+    let mut c = RawClient::connect(socket, export);
+    for (i, chunk) in data.chunks(KIB64).enumerate() {
+        assert_eq!(c.write((i * KIB64) as u64, chunk, 0), Ok(()), "write {i}");
+    }
+    (data, c)
+}
+
+/// Bytes that differ from write to write and from zeros.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| ((k as u32).wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+        .collect()
+}
+
+/// Whether `image` (of `format`) holds `data` from offset 0 and zeros after
+/// it: `qemu-img compare` against a raw file holding exactly `data` (an
+/// image larger than the other compares equal when its tail reads zeros).
+fn image_holds(dir: &Path, image: &Path, format: &str, data: &[u8]) -> Result<(), String> {
+    let expected = dir.join("expected.raw");
+    std::fs::write(&expected, data).unwrap();
+    let out = tool(
+        "qemu-img",
+        [
+            "compare".as_ref(),
+            "-f".as_ref(),
+            "raw".as_ref(),
+            "-F".as_ref(),
+            format.as_ref(),
+            expected.as_os_str(),
+            image.as_os_str(),
+        ],
+    );
+    if out.ok() {
+        Ok(())
+    } else {
+        Err(format!("{}: {out}", image.display()))
+    }
+}
+
+/// Assert [`image_holds`].
+#[track_caller]
+fn assert_image_holds(dir: &Path, image: &Path, format: &str, data: &[u8], who: &str) {
+    if let Err(e) = image_holds(dir, image, format, data) {
+        panic!("{who} lost the unflushed writes: {e}");
+    }
+}
+
+/// What one server did when SIGHUP came after unflushed writes.
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    /// Exit code (`None`: killed by a signal, as SIGHUP's default does).
+    code: Option<i32>,
+}
+
+/// Write 200 × 64 KiB unflushed, send SIGPIPE (must be ignored), then
+/// SIGHUP while the writing client is still connected.
+fn hang_up(server: &mut Server, export: &str) -> (Outcome, Vec<u8>) {
+    let (data, _client) = write_unflushed(&server.socket, export);
+    signal(server.pid(), libc::SIGPIPE);
+    server.assert_serving(export);
+    let st = server
+        .signal_and_wait(libc::SIGHUP)
+        .unwrap_or_else(|| panic!("{} did not exit within 20 s of SIGHUP", server.name));
+    (Outcome { code: st.code() }, data)
+}
+
+/// SIGHUP after 200 unflushed writes: qemu-nbd and qemu-storage-daemon
+/// stop gracefully (exit 0) and their qcow2 image holds every write.
+/// `quorum serve` must do the same for all its replicas, qcow2 and raw
+/// alike, and remove its socket (as qemu-nbd does) and pid file (as
+/// qemu-storage-daemon does). Before the fix SIGHUP killed it: no exit
+/// code, socket left, qcow2 replicas without the writes.
+#[test]
+fn sighup_stops_serve_gracefully_like_qemu_nbd_and_qemu_storage_daemon() {
+    let size = 16 * MIB;
+
+    // qemu-nbd on one qcow2 image.
+    let peer = tempfile::tempdir().unwrap();
+    let img = peer.path().join("nbd.qcow2");
+    support::create_image(&img, Format::Qcow2, size, None);
+    let socket = peer.path().join("qemu-nbd.sock");
+    let log = peer.path().join("qemu-nbd.log");
+    let mut cmd = Command::new(require("qemu-nbd"));
+    // -t: keep serving between clients; -e: two clients at once.
+    cmd.args([
+        "-f",
+        "qcow2",
+        "-x",
+        "vda",
+        "--cache=writeback",
+        "-t",
+        "-e",
+        "2",
+        "-k",
+    ])
+    .arg(&socket)
+    .arg(&img)
+    .stdout(std::fs::File::create(&log).unwrap())
+    .stderr(std::fs::File::create(&log).unwrap());
+    let mut nbd = Server::start("qemu-nbd", cmd, &socket, &log);
+    let (nbd_outcome, data) = hang_up(&mut nbd, "vda");
+    assert_image_holds(peer.path(), &img, "qcow2", &data, "qemu-nbd");
+    assert!(
+        !socket.exists(),
+        "qemu-nbd left its socket (the test assumes it does not)"
+    );
+
+    // qemu-storage-daemon on another qcow2 image.
+    let img = peer.path().join("qsd.qcow2");
+    support::create_image(&img, Format::Qcow2, size, None);
+    let socket = peer.path().join("qsd.sock");
+    let pid_file = peer.path().join("qsd.pid");
+    let log = peer.path().join("qsd.log");
+    let mut cmd = Command::new(require("qemu-storage-daemon"));
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},cache.direct=off",
+            img.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,node-name=fmt0,file=file0"])
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+        .args([
+            "--export",
+            "type=nbd,id=exp0,node-name=fmt0,name=vda,writable=on",
+        ])
+        .arg("--pidfile")
+        .arg(&pid_file)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut qsd = Server::start("qemu-storage-daemon", cmd, &socket, &log);
+    let (qsd_outcome, data) = hang_up(&mut qsd, "vda");
+    assert_image_holds(peer.path(), &img, "qcow2", &data, "qemu-storage-daemon");
+    assert!(!pid_file.exists(), "qemu-storage-daemon left its pid file");
+
+    // quorum serve on qcow2, qcow2 and raw replicas.
+    let disk = Disk::new(
+        &[Format::Qcow2, Format::Qcow2, Format::Raw],
+        size,
+        &Options::default(),
+    );
+    let log = disk.file("serve.log");
+    let mut serve = quorum_serve(
+        &disk,
+        std::fs::File::create(disk.file("serve.out"))
+            .unwrap()
+            .into(),
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    let (ours, data) = hang_up(&mut serve, "vda");
+    let kept: Vec<(&str, bool)> = disk
+        .replicas
+        .iter()
+        .map(|r| {
+            let holds = image_holds(disk.dir.path(), &r.path, r.format.name(), &data);
+            (r.format.name(), holds.is_ok())
+        })
+        .collect();
+
+    assert_eq!(nbd_outcome, qsd_outcome, "qemu-nbd vs qemu-storage-daemon");
+    assert_eq!(
+        (
+            &ours,
+            kept,
+            disk.file("nbd.sock").exists(),
+            disk.file("quorum.pid").exists()
+        ),
+        (
+            &nbd_outcome,
+            vec![("qcow2", true), ("qcow2", true), ("raw", true)],
+            false,
+            false
+        ),
+        "SIGHUP: quorum serve (exit, replicas holding the writes, socket left, \
+         pid file left) vs qemu-nbd's exit\n{}",
+        serve.log_text()
+    );
+    assert_eq!(ours, Outcome { code: Some(0) });
 }

@@ -25,9 +25,9 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Reads are voted across replicas; writes go to all of them. With neither
 /// --socket nor --listen it listens on 127.0.0.1:10809. The export is named
 /// after the disk's target dev (e.g. `vda`); the empty default name works too.
-/// SIGTERM or SIGINT stops it cleanly: in-flight requests finish, replicas
-/// are flushed and unlocked, the socket and pid file are removed, exit
-/// status 0. SIGPIPE is ignored. Logs go to stderr
+/// SIGTERM, SIGINT or SIGHUP stops it cleanly, as they stop qemu-nbd: in-flight
+/// requests finish, replicas are flushed and unlocked, the socket and pid
+/// file are removed, exit status 0. SIGPIPE is ignored. Logs go to stderr
 /// (set RUST_LOG, e.g. RUST_LOG=debug, for more); a closed stdout or stderr
 /// loses the text, never a request.
 ///
