@@ -3,6 +3,7 @@
 //! The binary is thin: clap parses the command line and each subcommand in
 //! `cmd/` drives the library crates.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -40,7 +41,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help, --version (exit 0) or a usage error (exit 2); a closed
+            // stdout or stderr only loses the text.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    // `serve` must outlive any reader of its output, and `check` reports its
+    // verdict in its exit status even when nobody reads the table: both keep
+    // SIGPIPE ignored and drop text that cannot be written. The commands
+    // that only print (or, for `create`, print after each finished image)
+    // die quietly from SIGPIPE, as Unix tools piped into `head` do.
+    if !matches!(cli.command, Command::Serve(_) | Command::Check(_)) {
+        signals::default_sigpipe();
+    }
     let result = match cli.command {
         Command::Validate(a) => cmd::validate::run(a),
         Command::Dumpxml(a) => cmd::dumpxml::run(a),
@@ -49,11 +66,18 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("quorum: {e:#}");
+            let _ = writeln!(std::io::stderr(), "quorum: {e:#}");
             ExitCode::from(1)
         }
+    };
+    if let Some(e) = output::stdout_error() {
+        let _ = writeln!(std::io::stderr(), "quorum: cannot write the output: {e}");
+        if code == ExitCode::SUCCESS {
+            return ExitCode::from(1);
+        }
     }
+    code
 }

@@ -6,10 +6,16 @@
 //! such a panic inside request handling turned a majority read into EIO and
 //! inside the signal task left the daemon unstoppable. Here:
 //!
-//! [`Lossy`] wraps a writer and drops what cannot be written; `serve` logs
-//! and prints through it, so a closed stdout/stderr only loses text.
+//! - [`Lossy`] wraps a writer and drops what cannot be written; `serve`
+//!   logs and prints through it, so a closed stdout/stderr only loses text.
+//! - [`outln!`] prints a line on stdout for the other commands: once the
+//!   reader is gone (EPIPE) the rest of the text is dropped and the command
+//!   finishes with its own exit code, like a Unix tool piped into `head`;
+//!   any other write error (a full disk) makes `main` report it and fail.
 
 use std::io::{self, IsTerminal, Write};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A writer that reports success whatever happens to the bytes: a closed
 /// pipe, a full disk or a revoked terminal lose the text, nothing else.
@@ -51,3 +57,50 @@ pub fn init_serve_logging() {
         .log_internal_errors(false)
         .try_init();
 }
+
+/// Set once stdout's reader has gone: later lines are not even tried.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+/// The first stdout error other than EPIPE, for `main` to report.
+static STDOUT_ERROR: Mutex<Option<io::Error>> = Mutex::new(None);
+
+/// Write formatted text to stdout; see [`outln!`].
+pub fn print_out(args: std::fmt::Arguments<'_>) {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = io::stdout().lock().write_fmt(args) {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        } else {
+            let mut first = STDOUT_ERROR.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert(e);
+        }
+    }
+}
+
+/// Flush stdout and take the first write error that was not EPIPE.
+pub fn stdout_error() -> Option<io::Error> {
+    if !STDOUT_CLOSED.load(Ordering::Relaxed)
+        && let Err(e) = io::stdout().lock().flush()
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        return Some(e);
+    }
+    STDOUT_ERROR
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+}
+
+/// `println!` that never panics: a closed stdout drops the text (the
+/// command carries on and exits with its own code); other write errors
+/// are reported by `main` once the command is done.
+macro_rules! outln {
+    () => {
+        $crate::output::print_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::print_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;

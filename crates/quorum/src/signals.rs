@@ -51,3 +51,11 @@ fn ignore_sigpipe() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Give SIGPIPE its default action, for the commands that only print: once
+/// their reader is gone they die quietly, as `cat` or `ls` piped into
+/// `head` do, instead of reporting a write error.
+pub fn default_sigpipe() {
+    // SAFETY: as above; SIG_DFL restores the kernel's default action.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

@@ -1,7 +1,7 @@
 //! Issue 9 ("Hardening") end to end against the real binary and its peers:
 //!
-//! 1. a closed stderr/stdout must not turn majority reads into EIO or keep
-//!    `serve` from starting or stopping;
+//! 1. a closed stderr/stdout must not turn majority reads into EIO, keep
+//!    `serve` from starting or stopping, or make other commands panic;
 //! 2. SIGHUP stops `serve` gracefully, as it stops qemu-nbd and
 //!    qemu-storage-daemon (compared in the test), and SIGPIPE is ignored;
 //!
@@ -215,6 +215,56 @@ fn serve_with_closed_stdout_and_stderr_starts_serves_and_stops_on_sigint() {
         "SIGINT did not stop serve cleanly"
     );
     assert!(!server.socket.exists(), "socket left behind");
+}
+
+/// Run the quorum binary with `args`, stdout a pipe nobody reads.
+fn quorum_into_closed_stdout(args: &[&std::ffi::OsStr]) -> (Option<i32>, Option<i32>, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(QUORUM)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start quorum");
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let st = wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("quorum {args:?} did not finish within 60 s");
+    });
+    (st.code(), st.signal(), reader.join().unwrap())
+}
+
+/// `quorum check d.xml | head -3`: check still reports its verdict in the
+/// exit status, with no panic (it exited 101 before).
+#[test]
+fn check_into_closed_stdout_keeps_its_verdict_and_does_not_panic() {
+    let disk = disk_with_one_dissenter();
+
+    let (code, sig, stderr) = quorum_into_closed_stdout(&["check".as_ref(), disk.xml.as_ref()]);
+
+    assert_eq!((code, sig, stderr.as_str()), (Some(2), None, ""));
+}
+
+/// validate, dumpxml and qemu-args with a closed stdout end quietly: by
+/// SIGPIPE like `cat | head`, or exit 0; never a panic (exit 101).
+#[test]
+fn printing_commands_into_closed_stdout_end_quietly() {
+    let disk = disk_with_one_dissenter();
+    for cmd in ["validate", "dumpxml", "qemu-args"] {
+        let (code, sig, stderr) = quorum_into_closed_stdout(&[cmd.as_ref(), disk.xml.as_ref()]);
+
+        assert!(
+            (code == Some(0) || sig == Some(libc::SIGPIPE)) && stderr.is_empty(),
+            "quorum {cmd} into a closed stdout: exit {code:?}, signal {sig:?}, stderr {stderr:?}"
+        );
+    }
 }
 
 // ---- item 2: SIGHUP (and SIGPIPE) as qemu-nbd and qemu-storage-daemon --

@@ -10,6 +10,7 @@ use quorum_engine::{Disk, Divergence, Mask, OpenOptions};
 use serde::Serialize;
 
 use super::util::{human_size, load_disk};
+use crate::output::outln;
 
 /// Bytes voted per step.
 const STEP: u64 = 4 << 20;
@@ -111,7 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .collect(),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report, &names);
     }
@@ -176,7 +177,7 @@ fn push_merged(out: &mut Vec<Divergence>, d: Divergence) {
 }
 
 fn print_table(r: &Report, names: &[String]) {
-    println!(
+    outln!(
         "{}: {} replicas, threshold {}, {} checked, {} unallocated everywhere (skipped)",
         r.disk,
         names.len(),
@@ -185,12 +186,14 @@ fn print_table(r: &Report, names: &[String]) {
         human_size(r.skipped_bytes)
     );
     if r.ranges.is_empty() {
-        println!("all replicas agree");
+        outln!("all replicas agree");
         return;
     }
-    println!(
+    outln!(
         "{:>14} {:>12}  {:<24} status",
-        "offset", "length", "bad replicas"
+        "offset",
+        "length",
+        "bad replicas"
     );
     for x in &r.ranges {
         let bad: Vec<String> = x.bad_replicas.iter().map(|i| i.to_string()).collect();
@@ -205,9 +208,9 @@ fn print_table(r: &Report, names: &[String]) {
             (true, true) => "repaired",
             (true, false) => "divergent",
         };
-        println!("{:>#14x} {:>12}  {:<24} {status}", x.offset, x.length, who);
+        outln!("{:>#14x} {:>12}  {:<24} {status}", x.offset, x.length, who);
     }
     for (i, n) in names.iter().enumerate() {
-        println!("  replica {i}: {n}");
+        outln!("  replica {i}: {n}");
     }
 }
