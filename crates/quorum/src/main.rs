@@ -13,12 +13,46 @@ mod output;
 mod server;
 mod signals;
 
+/// Exit status of every command. Values are bits (as fsck's are) so that
+/// no result of `check` is ever mistaken for a usage error.
+pub mod exit {
+    /// Success: the command did what was asked (`check`: all replicas agree,
+    /// or every divergence was repaired).
+    pub const OK: u8 = 0;
+    /// Operational error: invalid XML, a replica that cannot be opened, an
+    /// I/O error.
+    pub const ERROR: u8 = 1;
+    /// Usage error: unknown option, missing or malformed argument (clap).
+    pub const USAGE: u8 = 2;
+    /// `check`: replicas diverge and the divergence was not repaired.
+    pub const DIVERGENT: u8 = 4;
+    /// `check`: some blocks have no quorum (never repaired by guessing).
+    pub const NO_QUORUM: u8 = 8;
+}
+
 /// A voted virtual disk over N replicas, configured with libvirt disk XML.
 ///
 /// Reads are served only when at least `threshold` replicas return the same
 /// bytes (voted per 4 KiB block); writes go to every replica.
 #[derive(Debug, Parser)]
-#[command(name = "quorum", version, propagate_version = true)]
+#[command(
+    name = "quorum",
+    version,
+    propagate_version = true,
+    after_long_help = "\
+Exit status (the same for every command):
+  0   success (check: all replicas agree, or every divergence was repaired)
+  1   error: invalid XML, a replica that cannot be opened, an I/O error
+  2   usage error: unknown option, missing or malformed argument
+  4   check: divergence found and not repaired
+  8   check: blocks without quorum (never repaired by guessing)
+check adds 4 and 8 when both hold (12); a command killed by a signal shows
+128+N in the shell.
+
+Signals: quorum serve stops gracefully on SIGTERM, SIGINT or SIGHUP (as
+qemu-nbd and qemu-storage-daemon do) and ignores SIGPIPE. Printing commands
+stop quietly when their output is closed (`quorum dumpxml d.xml | head -1`)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +81,11 @@ fn main() -> ExitCode {
             // --help, --version (exit 0) or a usage error (exit 2); a closed
             // stdout or stderr only loses the text.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     // `serve` must outlive any reader of its output, and `check` reports its
@@ -70,13 +108,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "quorum: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit::ERROR)
         }
     };
     if let Some(e) = output::stdout_error() {
         let _ = writeln!(std::io::stderr(), "quorum: cannot write the output: {e}");
         if code == ExitCode::SUCCESS {
-            return ExitCode::from(1);
+            return ExitCode::from(exit::ERROR);
         }
     }
     code

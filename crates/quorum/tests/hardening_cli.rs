@@ -4,6 +4,7 @@
 //!    `serve` from starting or stopping, or make other commands panic;
 //! 2. SIGHUP stops `serve` gracefully, as it stops qemu-nbd and
 //!    qemu-storage-daemon (compared in the test), and SIGPIPE is ignored;
+//! 11. usage errors (2) and `check`'s results (4, 8, 12) never share a code;
 //!
 //! Daemons are waited for by their socket (bounded), stopped by PID, and
 //! killed by PID on drop even when an assertion fails.
@@ -16,7 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::nbd_raw::RawClient;
-use support::{Disk, Format, Options, QUORUM, qemu_io, require, tool};
+use support::{Disk, Format, Options, QUORUM, qemu_io, quorum, require, tool};
 
 const MIB: u64 = 1 << 20;
 const KIB64: usize = 64 << 10;
@@ -249,7 +250,7 @@ fn check_into_closed_stdout_keeps_its_verdict_and_does_not_panic() {
 
     let (code, sig, stderr) = quorum_into_closed_stdout(&["check".as_ref(), disk.xml.as_ref()]);
 
-    assert_eq!((code, sig, stderr.as_str()), (Some(2), None, ""));
+    assert_eq!((code, sig, stderr.as_str()), (Some(4), None, ""));
 }
 
 /// validate, dumpxml and qemu-args with a closed stdout end quietly: by
@@ -451,4 +452,83 @@ fn sighup_stops_serve_gracefully_like_qemu_nbd_and_qemu_storage_daemon() {
         serve.log_text()
     );
     assert_eq!(ours, Outcome { code: Some(0) });
+}
+
+// ---- item 11: exit codes ------------------------------------------------
+
+/// Three raw replicas of 8 MiB holding 0x5a, with `fills` applied.
+fn filled_disk(fills: &[(usize, u8, u64, u64)]) -> Disk {
+    let disk = Disk::raw_filled(3, 8 * MIB, 0x5a, &Options::default());
+    for &(i, p, off, len) in fills {
+        disk.fill(i, p, off, len);
+    }
+    disk
+}
+
+/// A usage error exits 2; `check`'s verdicts are 4 (divergence not
+/// repaired), 8 (no quorum) and 12 (both): none of them is 2. Before the
+/// fix a divergence also exited 2, and no quorum 3.
+#[test]
+fn usage_errors_and_check_verdicts_never_share_an_exit_code() {
+    let divergent = (1, 0x42, 65536, 4096);
+    // Far from the divergent block, in another 4 MiB scrub step.
+    let no_quorum = [(0, 0x41, 5 * MIB, 4096), (1, 0x43, 5 * MIB, 4096)];
+    let d = filled_disk(&[divergent]);
+    let n = filled_disk(&no_quorum);
+    let both = filled_disk(&[divergent, no_quorum[0], no_quorum[1]]);
+    let clean = filled_disk(&[]);
+    let xml = |d: &Disk| d.xml.display().to_string();
+
+    let codes = [
+        quorum(["check", "--no-such-option", &xml(&d)]).code,
+        quorum(["check"]).code,
+        quorum(["serve", &xml(&d), "--size", "1G"]).code,
+        quorum(["check", &xml(&clean)]).code,
+        quorum(["check", &xml(&d)]).code,
+        quorum(["check", &xml(&n)]).code,
+        quorum(["check", &xml(&both)]).code,
+        quorum(["check", "/no/such/disk.xml"]).code,
+    ];
+
+    assert_eq!(
+        codes,
+        [2, 2, 2, 0, 4, 8, 12, 1].map(Some),
+        "usage, usage, usage, clean, divergent, no quorum, both, error"
+    );
+}
+
+/// `quorum --help` and `quorum check --help` document the same codes.
+#[test]
+fn exit_codes_are_documented_in_help() {
+    let top = quorum(["--help"]);
+    let check = quorum(["check", "--help"]);
+
+    for (out, lines) in [
+        (
+            &top,
+            &[
+                "0   success",
+                "1   error",
+                "2   usage error",
+                "4   check:",
+                "8   check:",
+            ][..],
+        ),
+        (
+            &check,
+            &[
+                "0   all replicas agree",
+                "4   divergence",
+                "8   some blocks have no quorum",
+                "12  both",
+                "1   error",
+                "2   usage error",
+            ][..],
+        ),
+    ] {
+        assert!(out.ok(), "{out}");
+        for l in lines {
+            assert!(out.stdout.contains(l), "help lacks {l:?}:\n{}", out.stdout);
+        }
+    }
 }

@@ -21,12 +21,25 @@ const STEP: u64 = 4 << 20;
 /// disk checks quickly. Run it while nothing else uses the images (it takes
 /// the same locks as `serve`).
 ///
-/// Exit status: 0 all replicas agree (or every divergence was repaired),
-/// 2 divergence found and not repaired, 3 some blocks have no quorum
-/// (never repaired by guessing), 1 any other error.
-///
-/// Example: quorum check examples/quorum.xml --repair
+/// Exit status: 0 all agree (or all repaired), 4 divergence not repaired,
+/// 8 blocks without quorum, 12 both, 1 error, 2 usage error.
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Exit status (bits, as fsck's; no result shares a code with a usage error):
+  0   all replicas agree, or every divergence was repaired
+  4   divergence found and not repaired (run again with --repair)
+  8   some blocks have no quorum: no `threshold` replicas agree, so --repair
+      leaves them alone rather than guess
+  12  both 4 and 8
+  1   error (invalid XML, a replica that cannot be opened, an I/O error)
+  2   usage error (unknown option, missing argument)
+The verdict is in the exit status even when nobody reads the output
+(`quorum check d.xml | head -3`).
+
+Examples:
+  quorum check examples/quorum.xml
+  quorum check examples/quorum.xml --repair
+  quorum check examples/quorum.xml --json")]
 pub struct Args {
     /// Quorum disk XML (a <disk> or a <domain>).
     pub file: PathBuf,
@@ -119,14 +132,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !disk.flush_all().is_empty() {
         bail!("flushing the replicas after the check failed");
     }
-    let code = if report.ranges.iter().any(|r| !r.quorum) {
-        3
-    } else if report.ranges.iter().any(|r| !r.resolved) {
-        2
-    } else {
-        0
-    };
-    Ok(ExitCode::from(code))
+    Ok(ExitCode::from(exit_status(&report.ranges)))
+}
+
+/// [`crate::exit`]'s bits: 4 for a divergence left unrepaired, 8 for
+/// blocks without quorum, both when both hold, 0 when there is neither.
+fn exit_status(ranges: &[Range]) -> u8 {
+    let mut code = crate::exit::OK;
+    if ranges.iter().any(|r| r.quorum && !r.resolved) {
+        code |= crate::exit::DIVERGENT;
+    }
+    if ranges.iter().any(|r| !r.quorum) {
+        code |= crate::exit::NO_QUORUM;
+    }
+    code
 }
 
 /// Scrub the whole disk; returns the divergent ranges (adjacent ones merged),
