@@ -47,7 +47,8 @@ Exit status (the same for every command):
   4   check: divergence found and not repaired
   8   check: blocks without quorum (never repaired by guessing)
 check adds 4 and 8 when both hold (12); a command killed by a signal shows
-128+N in the shell.
+128+N in the shell. Errors print each cause once, then a `hint:` line where
+the fix is known.
 
 Signals: quorum serve stops gracefully on SIGTERM, SIGINT or SIGHUP (as
 qemu-nbd and qemu-storage-daemon do) and ignores SIGPIPE. Printing commands
@@ -107,7 +108,7 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "quorum: {e:#}");
+            report(&e);
             ExitCode::from(exit::ERROR)
         }
     };
@@ -118,4 +119,44 @@ fn main() -> ExitCode {
         }
     }
     code
+}
+
+/// Print `e` on stderr: every cause once (`a: b: c`), then one `hint:` line
+/// per cause whose fix is known. Never panics, even on a closed stderr.
+fn report(e: &anyhow::Error) {
+    let mut text = format!("quorum: {}\n", chain_once(e));
+    let mut hints: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        if let Some(hint) = cause
+            .downcast_ref::<quorum_replica::OpenError>()
+            .and_then(quorum_replica::OpenError::hint)
+            && !hints.contains(&hint)
+        {
+            hints.push(hint);
+        }
+    }
+    for hint in hints {
+        text.push_str(&format!("hint: {hint}\n"));
+    }
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+/// The causes of `e` joined by `: ` (anyhow's `{:#}`), leaving out a cause
+/// whose text the previous one already ends with: an error type that still
+/// prints its source in its own message then does not say it twice.
+fn chain_once(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !previous.is_empty() && previous.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        previous = text;
+    }
+    out
 }
