@@ -102,6 +102,8 @@ pub struct Member {
     /// What identifies it (see [`crate::record::ReplicaEntry::identity`]);
     /// 0 when unknown.
     pub identity: u64,
+    /// What to do about it, for one that could not be opened.
+    pub hint: Option<String>,
 }
 
 /// Crash-safe write intent and missed-write tracking for a disk (see
@@ -181,8 +183,9 @@ pub enum BuildError {
     Invalid(String),
     /// Fewer replicas could be opened than the threshold needs.
     #[error(
-        "only {usable} of {total} replicas can be used, but threshold {threshold} needs {threshold}:{}",
-        missing.iter().map(|(n, why)| format!("\n  {n}: {why}")).collect::<String>()
+        "only {usable} of {total} replicas can be used, but threshold {threshold} needs {threshold}:{}{}",
+        missing.iter().map(|(n, why)| format!("\n  {n}: {why}")).collect::<String>(),
+        hints.iter().map(|h| format!("\nhint: {h}")).collect::<String>()
     )]
     TooFew {
         /// Replicas that opened.
@@ -193,6 +196,8 @@ pub enum BuildError {
         threshold: usize,
         /// The others, and why each could not be opened.
         missing: Vec<(String, String)>,
+        /// What to do about them (each once).
+        hints: Vec<String>,
     },
 }
 
@@ -232,6 +237,7 @@ impl Disk {
                 replica: Ok(replica),
                 reopen: None,
                 identity: 0,
+                hint: None,
             })
             .collect();
         Disk::assemble(members, opts)
@@ -290,6 +296,14 @@ impl Disk {
                             .map(|e| (m.name.clone(), e.clone()))
                     })
                     .collect(),
+                hints: members.iter().fold(Vec::new(), |mut v, m| {
+                    if let Some(h) = &m.hint
+                        && !v.contains(h)
+                    {
+                        v.push(h.clone());
+                    }
+                    v
+                }),
             });
         }
         let (first_name, size) = opened[0];

@@ -52,6 +52,16 @@ pub enum OpenError {
     /// The disk's record could not be opened.
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// A replica is in use by another process (its lock is held): the disk
+    /// is not started degraded without it, since someone else runs it.
+    #[error("cannot open replica {index}")]
+    Replica {
+        /// Replica index in the XML.
+        index: usize,
+        /// Why.
+        #[source]
+        source: quorum_replica::OpenError,
+    },
 }
 
 /// What identifies a replica: device and inode of a file or block device
@@ -119,6 +129,18 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
         .iter()
         .map(|src| quorum_replica::open(src, &ropts))
         .collect();
+    // A lock held elsewhere means another process runs this disk.
+    if let Some(index) = opened
+        .iter()
+        .position(|r| matches!(r, Err(quorum_replica::OpenError::Locked { .. })))
+    {
+        let source = opened
+            .into_iter()
+            .nth(index)
+            .and_then(Result::err)
+            .expect("the locked replica's error");
+        return Err(OpenError::Replica { index, source });
+    }
     // Sizes are compared here, where the replicas' paths are known.
     let mut first: Option<(usize, u64)> = None;
     for (i, r) in opened.iter().enumerate() {
@@ -150,10 +172,12 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
                     replica: Ok(r),
                     reopen: None,
                     identity: identity_of(src),
+                    hint: None,
                 },
                 Err(e) => {
                     let src = src.clone();
-                    let why = format!("{}: {}", src.display_name(), error_chain(&e));
+                    let why = error_chain(&e);
+                    let hint = e.hint();
                     let reopen: Option<crate::Reopen> = opts.retry_missing.then(|| {
                         Box::new(move || {
                             quorum_replica::open(&src, &ropts)
@@ -166,6 +190,7 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
                         replica: Err(why),
                         reopen,
                         identity: 0,
+                        hint,
                     }
                 }
             }

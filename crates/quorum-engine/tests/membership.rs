@@ -34,6 +34,7 @@ fn opened(name: &str, r: Box<dyn Replica>) -> Member {
         replica: Ok(r),
         reopen: None,
         identity: 0,
+        hint: None,
     }
 }
 
@@ -43,6 +44,7 @@ fn missing(name: &str, why: &str) -> Member {
         replica: Err(why.into()),
         reopen: None,
         identity: 0,
+        hint: None,
     }
 }
 
@@ -233,6 +235,7 @@ fn replica_that_opens_late_joins_through_its_reopen() {
                     }
                 })),
                 identity: 0,
+                hint: None,
             },
         ],
         with_threshold(1),
@@ -260,6 +263,7 @@ fn replica_that_opens_late_with_another_size_stays_failed() {
                 replica: Err("b.raw: not there yet".into()),
                 reopen: Some(Box::new(|| Ok((Box::new(MemReplica::new(4096)), 0)))),
                 identity: 0,
+                hint: None,
             },
         ],
         with_threshold(1),

@@ -74,11 +74,15 @@ impl ReplicaError {
 
 /// Why a replica (or one layer of its backing chain) could not be opened,
 /// probed or created. Every variant names the file it is about.
+///
+/// Display shows this error only, never its [`source`](std::error::Error::source):
+/// print the whole chain (anyhow's `{:#}`, or [`chain`]) so that each cause
+/// appears once. [`OpenError::hint`] gives the fix, where one is known.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
     /// An OS error while opening, reading the header, or creating.
-    #[error("replica {path}: cannot {op}: {source}")]
+    #[error("replica {path}: cannot {op}")]
     Io {
         /// The layer's file.
         path: PathBuf,
@@ -165,7 +169,7 @@ pub enum OpenError {
         message: String,
     },
     /// imago refused or failed to open the image.
-    #[error("replica {path}: qcow2 open failed: {source}")]
+    #[error("replica {path}: qcow2 open failed")]
     Imago {
         /// The layer's file.
         path: PathBuf,
@@ -209,6 +213,50 @@ impl OpenError {
         }
     }
 
+    /// How to fix this, when the fix is known: one sentence for a `hint:`
+    /// line under the error. Variants whose message already says what to
+    /// run (dirty, corrupt, unsupported feature) have none.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            OpenError::Io { op, source, .. }
+                if *op == "open" && source.kind() == io::ErrorKind::NotFound =>
+            {
+                Some(
+                    "if this is a new replica, create it with `quorum create DISK.xml` \
+                     (add --size SIZE when no replica exists yet; `quorum serve --create-missing` \
+                     does the same at start-up); if the other replicas already hold data, \
+                     `quorum check DISK.xml --repair` then copies it in"
+                        .to_owned(),
+                )
+            }
+            OpenError::Io { path, source, .. }
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                Some(format!(
+                    "run as a user that may read and write {} (check its owner, mode and SELinux/AppArmor label)",
+                    path.display()
+                ))
+            }
+            OpenError::Locked { .. } => Some(
+                "stop the server that holds the lock (another `quorum serve`, qemu-nbd, \
+                 qemu-storage-daemon or a VM using this image), then retry"
+                    .to_owned(),
+            ),
+            OpenError::FormatMismatch {
+                expected, found, ..
+            } => Some(format!(
+                "if the file is the right one, change its <format type='{expected}'/> to \
+                 <format type='{found}'/> in the XML"
+            )),
+            OpenError::BackingMismatch { path, .. } => Some(format!(
+                "make the replica's <backingStore> chain in the XML match \
+                 `qemu-img info --backing-chain {}`",
+                path.display()
+            )),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(path: &Path, op: &'static str, source: io::Error) -> Self {
         OpenError::Io {
             path: path.to_path_buf(),
@@ -223,4 +271,17 @@ impl OpenError {
             message: message.into(),
         }
     }
+}
+
+/// `err` and its sources, each once, joined by `: ` (as anyhow's `{:#}`
+/// prints them): for logs and lists that hold one error per line.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
 }

@@ -28,7 +28,7 @@ mod raw;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 
-pub use error::{ErrorKind, OpenError, ReplicaError, Result};
+pub use error::{ErrorKind, OpenError, ReplicaError, Result, chain};
 pub use nbd::{
     DEFAULT_TIMEOUT as NBD_DEFAULT_TIMEOUT, NbdAddress, NbdConfig, NbdReplica, host_errno,
 };

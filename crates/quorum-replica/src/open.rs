@@ -188,7 +188,7 @@ pub fn probe_chain(src: &StorageSource) -> Vec<String> {
         let info = match probe(&layer) {
             Ok(i) => i,
             Err(e) => {
-                out.push(e.to_string());
+                out.push(crate::chain(&e));
                 return out;
             }
         };
@@ -205,7 +205,7 @@ pub fn probe_chain(src: &StorageSource) -> Vec<String> {
                 ) {
                     Ok(next) => next,
                     Err(e) => {
-                        out.push(e.to_string());
+                        out.push(crate::chain(&e));
                         None
                     }
                 }

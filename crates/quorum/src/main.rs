@@ -3,19 +3,57 @@
 //! The binary is thin: clap parses the command line and each subcommand in
 //! `cmd/` drives the library crates.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod output;
 mod server;
+mod signals;
+
+/// Exit status of every command. Values are bits (as fsck's are) so that
+/// no result of `check` is ever mistaken for a usage error.
+pub mod exit {
+    /// Success: the command did what was asked (`check`: all replicas agree,
+    /// or every divergence was repaired).
+    pub const OK: u8 = 0;
+    /// Operational error: invalid XML, a replica that cannot be opened, an
+    /// I/O error.
+    pub const ERROR: u8 = 1;
+    /// Usage error: unknown option, missing or malformed argument (clap).
+    pub const USAGE: u8 = 2;
+    /// `check`: replicas diverge and the divergence was not repaired.
+    pub const DIVERGENT: u8 = 4;
+    /// `check`: some blocks have no quorum (never repaired by guessing).
+    pub const NO_QUORUM: u8 = 8;
+}
 
 /// A voted virtual disk over N replicas, configured with libvirt disk XML.
 ///
 /// Reads are served only when at least `threshold` replicas return the same
 /// bytes (voted per 4 KiB block); writes go to every replica.
 #[derive(Debug, Parser)]
-#[command(name = "quorum", version, propagate_version = true)]
+#[command(
+    name = "quorum",
+    version,
+    propagate_version = true,
+    after_long_help = "\
+Exit status (the same for every command):
+  0   success (check: all replicas agree, or every divergence was repaired)
+  1   error: invalid XML, a replica that cannot be opened, an I/O error
+  2   usage error: unknown option, missing or malformed argument
+  4   check: divergence found and not repaired
+  8   check: blocks without quorum (never repaired by guessing)
+check adds 4 and 8 when both hold (12); a command killed by a signal shows
+128+N in the shell. Errors print each cause once, then a `hint:` line where
+the fix is known.
+
+Signals: quorum serve stops gracefully on SIGTERM, SIGINT or SIGHUP (as
+qemu-nbd and qemu-storage-daemon do) and ignores SIGPIPE. Printing commands
+stop quietly when their output is closed (`quorum dumpxml d.xml | head -1`)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +76,27 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help, --version (exit 0) or a usage error (exit 2); a closed
+            // stdout or stderr only loses the text.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    // `serve` must outlive any reader of its output, and `check` reports its
+    // verdict in its exit status even when nobody reads the table: both keep
+    // SIGPIPE ignored and drop text that cannot be written. The commands
+    // that only print (or, for `create`, print after each finished image)
+    // die quietly from SIGPIPE, as Unix tools piped into `head` do.
+    if !matches!(cli.command, Command::Serve(_) | Command::Check(_)) {
+        signals::default_sigpipe();
+    }
     let result = match cli.command {
         Command::Validate(a) => cmd::validate::run(a),
         Command::Dumpxml(a) => cmd::dumpxml::run(a),
@@ -47,11 +105,58 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("quorum: {e:#}");
-            ExitCode::from(1)
+            report(&e);
+            ExitCode::from(exit::ERROR)
+        }
+    };
+    if let Some(e) = output::stdout_error() {
+        let _ = writeln!(std::io::stderr(), "quorum: cannot write the output: {e}");
+        if code == ExitCode::SUCCESS {
+            return ExitCode::from(exit::ERROR);
         }
     }
+    code
+}
+
+/// Print `e` on stderr: every cause once (`a: b: c`), then one `hint:` line
+/// per cause whose fix is known. Never panics, even on a closed stderr.
+fn report(e: &anyhow::Error) {
+    let mut text = format!("quorum: {}\n", chain_once(e));
+    let mut hints: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        if let Some(hint) = cause
+            .downcast_ref::<quorum_replica::OpenError>()
+            .and_then(quorum_replica::OpenError::hint)
+            && !hints.contains(&hint)
+        {
+            hints.push(hint);
+        }
+    }
+    for hint in hints {
+        text.push_str(&format!("hint: {hint}\n"));
+    }
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+/// The causes of `e` joined by `: ` (anyhow's `{:#}`), leaving out a cause
+/// whose text the previous one already ends with: an error type that still
+/// prints its source in its own message then does not say it twice.
+fn chain_once(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !previous.is_empty() && previous.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        previous = text;
+    }
+    out
 }

@@ -100,17 +100,17 @@ fn clean_replicas_exit_0_and_say_all_agree() {
 }
 
 #[test]
-fn one_corrupt_replica_exits_2() {
+fn one_corrupt_replica_exits_4() {
     let disk = raw_disk(&[(1, 0x42, 65536, 4096)]);
 
-    check_exits(&disk, &[], 2);
+    check_exits(&disk, &[], 4);
 }
 
 #[test]
 fn json_report_names_the_divergent_range_and_replica() {
     let disk = raw_disk(&[(1, 0x42, 65536, 4096), (2, 0x43, 3 * MIB, 8192)]);
 
-    let out = check_exits(&disk, &["--json"], 2);
+    let out = check_exits(&disk, &["--json"], 4);
 
     assert_eq!(
         json_ranges(&out),
@@ -122,7 +122,7 @@ fn json_report_names_the_divergent_range_and_replica() {
 fn check_without_repair_leaves_the_corrupt_replica_alone() {
     let disk = raw_disk(&[(1, 0x42, 65536, 4096)]);
 
-    check_exits(&disk, &[], 2);
+    check_exits(&disk, &[], 4);
 
     assert!(disk.replica_has(1, 0x42, 65536, 4096).ok());
 }
@@ -181,10 +181,10 @@ fn repair_fills_a_range_only_one_qcow2_replica_lacks() {
 }
 
 #[test]
-fn no_quorum_spot_exits_3_and_is_not_rewritten() {
+fn no_quorum_spot_exits_8_and_is_not_rewritten() {
     let disk = raw_disk(&NO_QUORUM);
 
-    check_exits(&disk, &["--repair"], 3);
+    check_exits(&disk, &["--repair"], 8);
 
     assert_eq!(
         (
@@ -200,7 +200,7 @@ fn no_quorum_spot_exits_3_and_is_not_rewritten() {
 fn no_quorum_spot_is_reported_with_quorum_false_in_json() {
     let disk = raw_disk(&NO_QUORUM);
 
-    let out = check_exits(&disk, &["--json"], 3);
+    let out = check_exits(&disk, &["--json"], 8);
 
     let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(

@@ -10,6 +10,7 @@ use quorum_engine::{Disk, Divergence, Mask, OpenOptions};
 use serde::Serialize;
 
 use super::util::{human_size, load_disk};
+use crate::output::outln;
 
 /// Bytes voted per step.
 const STEP: u64 = 4 << 20;
@@ -20,17 +21,30 @@ const STEP: u64 = 4 << 20;
 /// disk checks quickly. Run it while nothing else uses the images (it takes
 /// the same locks as `serve`).
 ///
-/// Exit status: 0 all replicas agree (or every divergence was repaired),
-/// 2 divergence found and not repaired, 3 some blocks have no quorum
-/// (never repaired by guessing), 1 any other error.
-///
 /// The disk's record (see --state) tells which replicas missed writes:
 /// their missed ranges do not vote, and are listed as stale. With --repair,
 /// what an unclean stop left is reconciled and stale replicas are resynced
 /// first, then the scrub runs.
 ///
-/// Example: quorum check examples/quorum.xml --repair
+/// Exit status: 0 all agree (or all repaired), 4 divergence not repaired,
+/// 8 blocks without quorum, 12 both, 1 error, 2 usage error.
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Exit status (bits, as fsck's; no result shares a code with a usage error):
+  0   all replicas agree, or every divergence was repaired
+  4   divergence found and not repaired (run again with --repair)
+  8   some blocks have no quorum: no `threshold` replicas agree, so --repair
+      leaves them alone rather than guess
+  12  both 4 and 8
+  1   error (invalid XML, a replica that cannot be opened, an I/O error)
+  2   usage error (unknown option, missing argument)
+The verdict is in the exit status even when nobody reads the output
+(`quorum check d.xml | head -3`).
+
+Examples:
+  quorum check examples/quorum.xml
+  quorum check examples/quorum.xml --repair
+  quorum check examples/quorum.xml --json")]
 pub struct Args {
     /// Quorum disk XML (a <disk> or a <domain>).
     pub file: PathBuf,
@@ -158,21 +172,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .collect(),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report, &names);
     }
     if !disk.close().is_empty() {
         bail!("flushing the replicas after the check failed");
     }
-    let code = if report.ranges.iter().any(|r| !r.quorum) {
-        3
-    } else if report.ranges.iter().any(|r| !r.resolved) {
-        2
-    } else {
-        0
-    };
-    Ok(ExitCode::from(code))
+    Ok(ExitCode::from(exit_status(&report.ranges)))
+}
+
+/// [`crate::exit`]'s bits: 4 for a divergence left unrepaired, 8 for
+/// blocks without quorum, both when both hold, 0 when there is neither.
+fn exit_status(ranges: &[Range]) -> u8 {
+    let mut code = crate::exit::OK;
+    if ranges.iter().any(|r| r.quorum && !r.resolved) {
+        code |= crate::exit::DIVERGENT;
+    }
+    if ranges.iter().any(|r| !r.quorum) {
+        code |= crate::exit::NO_QUORUM;
+    }
+    code
 }
 
 /// Scrub the whole disk; returns the divergent ranges (adjacent ones merged),
@@ -223,7 +243,7 @@ fn push_merged(out: &mut Vec<Divergence>, d: Divergence) {
 }
 
 fn print_table(r: &Report, names: &[String]) {
-    println!(
+    outln!(
         "{}: {} replicas, threshold {}, {} checked, {} unallocated everywhere (skipped)",
         r.disk,
         names.len(),
@@ -232,12 +252,14 @@ fn print_table(r: &Report, names: &[String]) {
         human_size(r.skipped_bytes)
     );
     if r.ranges.is_empty() {
-        println!("all replicas agree");
+        outln!("all replicas agree");
         return;
     }
-    println!(
+    outln!(
         "{:>14} {:>12}  {:<24} status",
-        "offset", "length", "bad replicas"
+        "offset",
+        "length",
+        "bad replicas"
     );
     for x in &r.ranges {
         let bad: Vec<String> = x.bad_replicas.iter().map(|i| i.to_string()).collect();
@@ -252,9 +274,9 @@ fn print_table(r: &Report, names: &[String]) {
             (true, true) => "repaired",
             (true, false) => "divergent",
         };
-        println!("{:>#14x} {:>12}  {:<24} {status}", x.offset, x.length, who);
+        outln!("{:>#14x} {:>12}  {:<24} {status}", x.offset, x.length, who);
     }
     for (i, n) in names.iter().enumerate() {
-        println!("  replica {i}: {n}");
+        outln!("  replica {i}: {n}");
     }
 }

@@ -1,6 +1,6 @@
 //! `quorum serve`: export the voted disk over NBD.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,9 +25,11 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Reads are voted across replicas; writes go to all of them. With neither
 /// --socket nor --listen it listens on 127.0.0.1:10809. The export is named
 /// after the disk's target dev (e.g. `vda`); the empty default name works too.
-/// SIGTERM or SIGINT stops it cleanly: in-flight requests finish, replicas
-/// are flushed and unlocked. Logs go to stderr; set RUST_LOG (e.g.
-/// RUST_LOG=debug) for more.
+/// SIGTERM, SIGINT or SIGHUP stops it cleanly, as they stop qemu-nbd: in-flight
+/// requests finish, replicas are flushed and unlocked, the socket and pid
+/// file are removed, exit status 0. SIGPIPE is ignored. Logs go to stderr
+/// (set RUST_LOG, e.g. RUST_LOG=debug, for more); a closed stdout or stderr
+/// loses the text, never a request.
 ///
 /// Examples:
 ///   quorum serve examples/quorum.xml --create-missing --size 1G
@@ -203,10 +205,10 @@ impl Backend for DiskBackend {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    init_logging();
+    crate::output::init_serve_logging();
     let cfg = load_disk(&args.file, args.target.as_deref())?;
     if args.create_missing {
-        create_missing(&cfg, args.size, None, &mut std::io::stderr())?;
+        create_missing(&cfg, args.size, None, &mut crate::output::lossy_stderr())?;
     }
     let opts = OpenOptions {
         read_only: args.read_only,
@@ -255,22 +257,33 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     let result = rt.block_on(async {
+        // Before the socket and pid file exist: whoever sees them may signal.
+        let stop_signals =
+            crate::signals::StopSignals::install().context("cannot install signal handlers")?;
         let (listener, uri) = bind(&args, &name).await?;
         if let Some(p) = &args.pid_file {
             std::fs::write(p, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write pid file {}", p.display()))?;
         }
-        println!("quorum: serving {name} ({summary}) at {uri}");
-        println!("  connect: qemu-img info '{uri}'");
-        println!("           qemu-system-x86_64 -drive file={uri},format=raw,if=virtio");
-        println!("  stop:    kill -TERM {}", std::process::id());
+        // Nobody may be reading stdout: the text is lost, serving goes on.
+        let mut out = crate::output::lossy_stdout();
+        let _ = writeln!(out, "quorum: serving {name} ({summary}) at {uri}");
+        let _ = writeln!(out, "  connect: qemu-img info '{uri}'");
+        let _ = writeln!(
+            out,
+            "           qemu-system-x86_64 -drive file={uri},format=raw,if=virtio"
+        );
+        let _ = writeln!(out, "  stop:    kill -TERM {}", std::process::id());
         for (_, replica, why) in &failed {
-            println!("  missing: {replica}: {why} (retried in the background)");
+            let _ = writeln!(
+                out,
+                "  missing: {replica}: {why} (retried in the background)"
+            );
         }
-        std::io::stdout().flush().ok();
+        let _ = out.flush();
 
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        tokio::spawn(stop_signals.stop_on_signal(shutdown.clone()));
         let export = Export {
             name: name.clone(),
             description: format!("quorum disk {} ({summary})", cfg.target.dev),
@@ -312,16 +325,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// confined to one CPU a second thread only adds cross-thread wake-ups.
 fn network_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 async fn bind(args: &Args, name: &str) -> anyhow::Result<(Listener, String)> {
@@ -370,20 +373,4 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     }
     std::fs::remove_file(path)
         .with_context(|| format!("cannot remove stale socket {}", path.display()))
-}
-
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    shutdown.cancel();
 }
