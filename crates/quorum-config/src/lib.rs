@@ -22,7 +22,7 @@ use std::path::Path;
 
 pub use error::{ConfigError, ConfigErrors, ErrorKind};
 pub use model::*;
-pub use parse::{MAX_CHAIN_DEPTH, is_valid_target_dev};
+pub use parse::{MAX_CHAIN_DEPTH, MAX_ERRORS, is_valid_target_dev};
 pub use write::to_xml;
 
 /// Read, parse and validate the disk XML at `path`.

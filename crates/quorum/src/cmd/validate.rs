@@ -8,15 +8,19 @@ use quorum_config::DiskConfig;
 /// Check a quorum disk XML document.
 ///
 /// Prints a one-line summary (`vda: quorum of 3 replicas, threshold 2`) and
-/// exits 0 when the document is valid. Otherwise prints every error as
+/// exits 0 when the document is valid. Otherwise prints its errors as
 /// `FILE:LINE:COL: XML error: ...` or `FILE:LINE:COL: unsupported configuration: ...`
-/// on stderr and exits 1. Image files need not exist unless `--probe` is given.
+/// on stderr (the first 20, then one line counting the rest) and exits 1.
+/// Image files need not exist unless `--probe` is given.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 Prints `vda: quorum of 3 replicas, threshold 2` and exits 0 when the document is valid.
-Otherwise prints every error on stderr, one per line, and exits 1:
+Otherwise prints the errors on stderr, one per line, and exits 1:
   disk.xml:4:14: XML error: attribute value must be quoted (value=2)
   disk.xml:3:3: unsupported configuration: quorum threshold 4 exceeds the number of replicas (3)
+A malformed document stops at its first fault; a well-formed one lists every error, up to
+20, then one line says how many more there are and where they start:
+  disk.xml:31:3: too many errors: 4980 more errors from here on not shown
 
 Example:
   quorum validate examples/quorum.xml --target vda")]
