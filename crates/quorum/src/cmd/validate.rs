@@ -22,6 +22,10 @@ A malformed document stops at its first fault; a well-formed one lists every err
 20, then one line says how many more there are and where they start:
   disk.xml:31:3: too many errors: 4980 more errors from here on not shown
 
+A threshold that is not a majority of the replicas (2 of 4, 2 of 5) is valid but
+warned about on stderr (exit status 0): a write acknowledged by T replicas can be
+outvoted later by the replicas that missed it. `quorum serve` logs the same warning.
+
 Example:
   quorum validate examples/quorum.xml --target vda")]
 pub struct Args {
@@ -57,10 +61,20 @@ pub(crate) fn summary(cfg: &DiskConfig) -> String {
     )
 }
 
+/// Log (for `serve`) that the threshold is below a majority, with the reason.
+pub(crate) fn log_threshold_warning(cfg: &DiskConfig) {
+    if let Some(w) = cfg.minority_threshold_warning() {
+        tracing::warn!("{w}");
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Some(cfg) = load_or_report(&args.file, args.target.as_deref()) else {
         return Ok(ExitCode::from(1));
     };
+    if let Some(w) = cfg.minority_threshold_warning() {
+        eprintln!("{}: warning: {w}", args.file.display());
+    }
     if args.probe {
         let problems = super::probe::probe(&cfg)?;
         if !problems.is_empty() {

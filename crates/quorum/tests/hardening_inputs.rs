@@ -1,0 +1,104 @@
+//! Hostile or careless inputs to `validate`, `serve`, `check` and `create`
+//! (issue "Hardening", items 9, 10, 13 and 14), run as a user would, with
+//! images made and checked by qemu-img / qemu-io.
+
+mod support;
+
+use std::fmt::Write as _;
+
+use support::{Daemon, Disk, Format, Options, quorum};
+
+const MIB: u64 = 1 << 20;
+
+fn opts(threshold: usize) -> Options {
+    Options {
+        threshold,
+        ..Options::default()
+    }
+}
+
+// ---- item 10: many errors ----
+
+#[test]
+fn validate_prints_the_first_20_errors_and_counts_the_rest() {
+    let disk = Disk::new(&[Format::Raw], MIB, &opts(1));
+    let mut xml = String::from("<disk type='quorum'>\n<threshold value='1'/>\n");
+    for i in 0..500 {
+        let _ = writeln!(xml, "<bogus{i}/>");
+    }
+    let _ = write!(
+        xml,
+        "<backingStore type='file'><format type='raw'/><source file='{}'/></backingStore>\n\
+         <target dev='vda'/>\n</disk>\n",
+        disk.path(0).display()
+    );
+    std::fs::write(&disk.xml, xml).unwrap();
+
+    let out = quorum(["validate", disk.xml.to_str().unwrap()]);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 21, "{out}");
+    let label = disk.xml.display();
+    assert_eq!(
+        lines[0],
+        format!("{label}:3:1: XML error: unknown element <bogus0> in <disk>")
+    );
+    assert_eq!(
+        lines[20],
+        format!("{label}:23:1: too many errors: 480 more errors from here on not shown")
+    );
+}
+
+// ---- item 14: a threshold below a majority ----
+
+#[test]
+fn validate_warns_when_the_threshold_is_not_a_majority_and_only_then() {
+    let disk = Disk::new(&[Format::Raw; 5], MIB, &opts(2));
+
+    let minority = quorum(["validate", disk.xml.to_str().unwrap()]);
+    disk.write_xml(&opts(3));
+    let majority = quorum(["validate", disk.xml.to_str().unwrap()]);
+
+    assert!(minority.ok(), "a minority threshold is valid: {minority}");
+    assert_eq!(minority.stdout, "vda: quorum of 5 replicas, threshold 2\n");
+    assert_eq!(
+        minority.stderr,
+        format!(
+            "{}: warning: threshold 2 is not a majority of 5 replicas: a write counts as done \
+             once 2 replicas have it, and the 3 that missed it can then outvote (or tie) it on \
+             a later read; use a threshold of at least 3\n",
+            disk.xml.display()
+        )
+    );
+    assert!(majority.ok(), "{majority}");
+    assert_eq!(majority.stderr, "", "{majority}");
+}
+
+#[test]
+fn serve_logs_the_minority_threshold_warning_at_start_and_only_then() {
+    let disk = Disk::new(
+        &[Format::Raw, Format::Qcow2, Format::Raw, Format::Raw],
+        MIB,
+        &opts(2),
+    );
+
+    let daemon = Daemon::start(&disk, &[]);
+    let minority_log = daemon.log_text();
+    let minority_code = daemon.stop();
+    disk.write_xml(&opts(3));
+    let daemon = Daemon::start(&disk, &[]);
+    let majority_log = daemon.log_text();
+    daemon.stop();
+
+    assert!(
+        minority_log.contains("threshold 2 is not a majority of 4 replicas")
+            && minority_log.contains("use a threshold of at least 3"),
+        "serve log:\n{minority_log}"
+    );
+    assert_eq!(minority_code, Some(0));
+    assert!(
+        !majority_log.contains("not a majority"),
+        "serve log:\n{majority_log}"
+    );
+}
