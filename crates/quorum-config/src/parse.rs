@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use roxmltree::{Attribute, Document, Node};
 
 use crate::error::{ConfigError, ConfigErrors, ErrorKind};
+use crate::identity::{Identity, identify};
 use crate::model::*;
 use crate::syntax;
 
@@ -18,12 +19,14 @@ pub const MAX_CHAIN_DEPTH: usize = 32;
 /// wrong in one way, and the first errors show it.
 pub const MAX_ERRORS: usize = 20;
 
-/// Parse and validate `text`. See [`crate::parse_str`].
+/// Parse and validate `text`. See [`crate::parse_str`]; with `use_fs`, layers
+/// are also compared by device and inode (see [`crate::load`]).
 pub(crate) fn parse(
     text: &str,
     file: &str,
     base_dir: &Path,
     target: Option<&str>,
+    use_fs: bool,
 ) -> Result<DiskConfig, ConfigErrors> {
     let doc = match Document::parse(text) {
         Ok(d) => d,
@@ -42,6 +45,7 @@ pub(crate) fn parse(
     let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
     let mut p = Parser {
         positions: syntax::Positions::new(text),
+        use_fs,
         file,
         base_dir: &base_dir,
         errors: Vec::new(),
@@ -78,13 +82,18 @@ pub(crate) fn parse(
 struct LayerSeen {
     replica: usize,
     depth: usize,
-    key: String,
+    /// The path (or NBD address) as written out in full.
+    name: String,
+    /// Equal for layers that are one file.
+    key: Identity,
     pos: (u32, u32),
 }
 
 struct Parser<'a> {
     /// Line/column lookups: one pass over the text, then cheap per error.
     positions: syntax::Positions<'a>,
+    /// Compare layers by device and inode too (see [`crate::load`]).
+    use_fs: bool,
     file: &'a str,
     base_dir: &'a Path,
     errors: Vec<ConfigError>,
@@ -613,11 +622,11 @@ impl Parser<'_> {
         };
         if let (Some(s), Some(src)) = (kids.one("source"), &source) {
             let pos = self.pos(s.range().start);
-            let key = display_key(src);
             self.layers.push(LayerSeen {
                 replica,
                 depth,
-                key,
+                name: display_key(src),
+                key: identify(src, self.use_fs),
                 pos,
             });
         }
@@ -894,9 +903,9 @@ impl Parser<'_> {
             by_replica: HashMap<usize, usize>,
         }
         let layers = std::mem::take(&mut self.layers);
-        let mut seen: HashMap<&str, FirstUses> = HashMap::new();
+        let mut seen: HashMap<&Identity, FirstUses> = HashMap::new();
         for (i, l) in layers.iter().enumerate() {
-            let uses = seen.entry(l.key.as_str()).or_default();
+            let uses = seen.entry(&l.key).or_default();
             let clash = if l.depth == 0 {
                 uses.any
             } else {
@@ -911,10 +920,22 @@ impl Parser<'_> {
             }
             uses.by_replica.entry(l.replica).or_insert(i);
             if let Some(first) = clash.map(|j| &layers[j]) {
-                let msg = format!(
-                    "replica path '{}' is used more than once (first at line {}, column {})",
-                    l.key, first.pos.0, first.pos.1
-                );
+                let msg = if first.name == l.name {
+                    format!(
+                        "replica path '{}' is used more than once (first at line {}, column {})",
+                        l.name, first.pos.0, first.pos.1
+                    )
+                } else {
+                    format!(
+                        "replica path '{}' is the same file as '{}' ({}; first at line {}, \
+                         column {}): one file can only be one replica",
+                        l.name,
+                        first.name,
+                        l.key.reason(),
+                        first.pos.0,
+                        first.pos.1
+                    )
+                };
                 self.push(l.pos, ErrorKind::Unsupported, msg);
             }
         }

@@ -102,3 +102,63 @@ fn serve_logs_the_minority_threshold_warning_at_start_and_only_then() {
         "serve log:\n{majority_log}"
     );
 }
+
+// ---- item 9: one file through two paths ----
+
+/// Three raw replicas where replica 2 is named through a symlink to replica 0.
+fn disk_with_a_symlinked_replica() -> (Disk, String) {
+    let mut disk = Disk::new(&[Format::Raw; 3], MIB, &opts(2));
+    let link = disk.file("link.raw");
+    std::os::unix::fs::symlink(disk.path(0), &link).unwrap();
+    std::fs::remove_file(disk.path(2)).unwrap();
+    disk.replicas[2].path = link;
+    disk.write_xml(&opts(2));
+    let want = format!(
+        "replica path '{}' is the same file as '{}' (the same device and inode; first at line 6, \
+         column 5): one file can only be one replica",
+        disk.path(2).display(),
+        disk.path(0).display()
+    );
+    (disk, want)
+}
+
+#[test]
+fn validate_refuses_a_replica_that_is_a_symlink_to_another() {
+    let (disk, want) = disk_with_a_symlinked_replica();
+
+    let out = quorum(["validate", disk.xml.to_str().unwrap()]);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "{}:14:5: unsupported configuration: {want}\n",
+            disk.xml.display()
+        )
+    );
+}
+
+#[test]
+fn serve_check_and_create_refuse_a_replica_that_is_a_symlink_to_another() {
+    let (disk, want) = disk_with_a_symlinked_replica();
+    let xml = disk.xml.to_str().unwrap();
+    let socket = disk.file("nbd.sock");
+
+    let serve = support::run_timeout(
+        std::process::Command::new(support::QUORUM).args([
+            "serve",
+            xml,
+            "--socket",
+            socket.to_str().unwrap(),
+        ]),
+        std::time::Duration::from_secs(30),
+    );
+    let check = quorum(["check", xml]);
+    let create = quorum(["create", xml, "--size", "1M"]);
+
+    for (name, out) in [("serve", &serve), ("check", &check), ("create", &create)] {
+        assert_eq!(out.code, Some(1), "{name}: {out}");
+        assert!(out.stderr.contains(&want), "{name}: {out}");
+    }
+    assert!(!socket.exists(), "serve must not have listened");
+}

@@ -22,6 +22,10 @@ A malformed document stops at its first fault; a well-formed one lists every err
 20, then one line says how many more there are and where they start:
   disk.xml:31:3: too many errors: 4980 more errors from here on not shown
 
+One file is one replica: two paths that reach the same file (a symlink, a hard link,
+`..` through a symlinked folder; same device and inode, or the same block device) are
+refused like a path written twice, naming both. serve, check and create refuse it too.
+
 A threshold that is not a majority of the replicas (2 of 4, 2 of 5) is valid but
 warned about on stderr (exit status 0): a write acknowledged by T replicas can be
 outvoted later by the replicas that missed it. `quorum serve` logs the same warning.
