@@ -162,3 +162,179 @@ fn serve_check_and_create_refuse_a_replica_that_is_a_symlink_to_another() {
     }
     assert!(!socket.exists(), "serve must not have listened");
 }
+
+// ---- item 13: create's arguments, and --create-missing into a populated set ----
+
+/// `qemu-img info --output=json` of an image.
+fn img_info(path: &std::path::Path) -> serde_json::Value {
+    let out = support::tool(
+        "qemu-img",
+        ["info", "--output=json", "-U", path.to_str().unwrap()],
+    );
+    assert!(out.ok(), "{out}");
+    serde_json::from_str(&out.stdout).expect("qemu-img info json")
+}
+
+/// Remove every replica image of `disk`.
+fn remove_all(disk: &Disk) {
+    for r in &disk.replicas {
+        std::fs::remove_file(&r.path).expect("remove image");
+    }
+}
+
+#[test]
+fn create_rounds_a_size_up_to_512_bytes_as_qemu_img_create_does() {
+    let disk = Disk::new(&[Format::Raw, Format::Qcow2], MIB, &opts(1));
+    remove_all(&disk);
+    let reference = |fmt: &str| {
+        let p = disk.file(&format!("ref.{fmt}"));
+        let out = support::tool(
+            "qemu-img",
+            ["create", "-q", "-f", fmt, p.to_str().unwrap(), "1000"],
+        );
+        assert!(out.ok(), "{out}");
+        img_info(&p)["virtual-size"].as_u64().unwrap()
+    };
+
+    let out = quorum(["create", disk.xml.to_str().unwrap(), "--size", "1000"]);
+
+    assert!(out.ok(), "{out}");
+    assert!(
+        out.stdout.contains("rounded up to 1024 bytes"),
+        "says so: {out}"
+    );
+    assert_eq!(reference("raw"), 1024);
+    for (i, fmt) in [(0, "raw"), (1, "qcow2")] {
+        let size = img_info(disk.path(i))["virtual-size"].as_u64().unwrap();
+        assert_eq!(size, reference(fmt), "{fmt} replica");
+    }
+    let check = support::tool("qemu-img", ["check", disk.path(1).to_str().unwrap()]);
+    assert!(check.ok(), "{check}");
+    support::qemu_io_file(disk.path(1), Format::Qcow2, "write -P 0x33 512 512");
+    support::qemu_io_file(disk.path(1), Format::Qcow2, "read -P 0x33 512 512");
+}
+
+#[test]
+fn create_with_a_bad_cluster_size_creates_nothing() {
+    let disk = Disk::new(&[Format::Raw, Format::Qcow2, Format::Raw], MIB, &opts(2));
+    remove_all(&disk);
+    let xml = disk.xml.to_str().unwrap();
+
+    for bad in ["1000", "256", "4M"] {
+        let out = quorum(["create", xml, "--size", "1M", "--cluster-size", bad]);
+
+        assert_eq!(out.code, Some(2), "a usage error: {out}");
+        assert!(
+            out.stderr.contains("must be a power of two from 512 to 2M"),
+            "{out}"
+        );
+        for r in &disk.replicas {
+            assert!(
+                !r.path.exists(),
+                "--cluster-size {bad} made {}",
+                r.path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn create_takes_a_cluster_size_with_units() {
+    let disk = Disk::new(&[Format::Qcow2, Format::Raw], MIB, &opts(1));
+    remove_all(&disk);
+
+    let out = quorum([
+        "create",
+        disk.xml.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--cluster-size",
+        "2M",
+    ]);
+
+    assert!(out.ok(), "{out}");
+    let info = img_info(disk.path(0));
+    assert_eq!(info["cluster-size"].as_u64(), Some(2 << 20), "{info}");
+    assert_eq!(info["virtual-size"].as_u64(), Some(4 * MIB), "{info}");
+}
+
+#[test]
+fn create_with_a_missing_block_device_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("disk.xml");
+    let first = dir.path().join("r0.qcow2");
+    std::fs::write(
+        &xml,
+        format!(
+            "<disk type='quorum'>\n  <threshold value='1'/>\n\
+             <backingStore type='file'><format type='qcow2'/><source file='{}'/></backingStore>\n\
+             <backingStore type='block'><format type='raw'/><source dev='{}'/></backingStore>\n\
+             <target dev='vda'/>\n</disk>\n",
+            first.display(),
+            dir.path().join("no-such-device").display()
+        ),
+    )
+    .unwrap();
+
+    let out = quorum(["create", xml.to_str().unwrap(), "--size", "1M"]);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains("no-such-device does not exist"),
+        "{out}"
+    );
+    assert!(!first.exists(), "made {} before refusing", first.display());
+}
+
+#[test]
+fn serve_create_missing_refuses_an_empty_voter_beside_data_and_says_what_to_run() {
+    let disk = Disk::new(&[Format::Raw, Format::Qcow2, Format::Raw], MIB, &opts(2));
+    let xml = disk.xml.to_str().unwrap();
+    let socket = disk.file("nbd.sock");
+    // Beside empty replicas a new one is harmless: serve makes it and starts.
+    std::fs::remove_file(disk.path(2)).unwrap();
+    Daemon::start(&disk, &["--create-missing"]).stop();
+    assert!(disk.path(2).exists());
+    // Now the replicas hold data and the third is lost.
+    for i in 0..3 {
+        disk.fill(i, 0x5a, 0, MIB);
+    }
+    std::fs::remove_file(disk.path(2)).unwrap();
+
+    let serve = support::run_timeout(
+        std::process::Command::new(support::QUORUM).args([
+            "serve",
+            xml,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--create-missing",
+        ]),
+        std::time::Duration::from_secs(20),
+    );
+
+    assert_eq!(serve.code, Some(1), "{serve}");
+    assert!(
+        serve
+            .stderr
+            .contains("an empty replica would vote as if it were in sync")
+            && serve
+                .stderr
+                .contains("`quorum create FILE` and `quorum check --repair FILE`"),
+        "{serve}"
+    );
+    assert!(!disk.path(2).exists(), "serve made the empty voter");
+
+    // What it says to run works: create, then repair onto the new replica.
+    let create = quorum(["create", xml]);
+    assert!(create.ok(), "{create}");
+    assert!(
+        create
+            .stderr
+            .contains(&format!("quorum check --repair {xml}")),
+        "create reminds to repair: {create}"
+    );
+    let repair = quorum(["check", xml, "--repair"]);
+    assert!(repair.ok(), "{repair}");
+    let copied = disk.replica_has(2, 0x5a, 0, MIB);
+    assert!(copied.ok() && !copied.text().contains("fail"), "{copied}");
+}
