@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs the Debian test peers first when any is
-# missing (needs root or sudo). README and .ci/run both call this script.
+# missing (needs root or sudo): qemu-system-x86 from bookworm-backports, the
+# rest from bookworm. README and .ci/run both call this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,27 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
+
+# qemu-system-x86_64, for the qemu-args recipe test, comes from bookworm-backports
+# like qemu-utils 10: bookworm's own qemu-system-x86 (7.2) would remove qemu-utils 10.
+# Backports is added on the Debian mirror apt already uses.
+install_qemu_system() {
+  command -v qemu-system-x86_64 >/dev/null 2>&1 && return 0
+  local sudo="" mirror
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+    mirror=${mirror:-$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)}
+    [ -n "$mirror" ] || { echo "no Debian bookworm mirror configured for apt" >&2; return 1; }
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" \
+      | $sudo tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null
+  fi
+  echo "# installing test peer: qemu-system-x86 (bookworm-backports)" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    -t bookworm-backports qemu-system-x86 >/dev/null
+}
+install_qemu_system
 
 cargo test --workspace --all-targets "$@"
 # Once more confined to one CPU: the engine and the NBD driver take other

@@ -13,6 +13,9 @@ pub enum ErrorKind {
     InvalidArg,
     /// The file could not be read (`cannot read file:`).
     Io,
+    /// Not an error itself: says how many errors past the cap were left out
+    /// (`too many errors:`), placed at the first one left out.
+    Omitted,
 }
 
 impl ErrorKind {
@@ -23,6 +26,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => "unsupported configuration",
             ErrorKind::InvalidArg => "invalid argument",
             ErrorKind::Io => "cannot read file",
+            ErrorKind::Omitted => "too many errors",
         }
     }
 }

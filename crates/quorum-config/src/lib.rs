@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod identity;
 pub mod model;
 mod parse;
 pub mod qemu;
@@ -22,7 +23,7 @@ use std::path::Path;
 
 pub use error::{ConfigError, ConfigErrors, ErrorKind};
 pub use model::*;
-pub use parse::{MAX_CHAIN_DEPTH, is_valid_target_dev};
+pub use parse::{MAX_CHAIN_DEPTH, MAX_ERRORS, is_valid_target_dev};
 pub use write::to_xml;
 
 /// Read, parse and validate the disk XML at `path`.
@@ -30,6 +31,11 @@ pub use write::to_xml;
 /// Relative image paths resolve against the file's folder; `target` picks a
 /// disk by `<target dev=>` (default: the first `type='quorum'` disk). Errors
 /// are labelled with `path` as given.
+///
+/// Unlike [`parse_str`], this also asks the file system whether two layers are
+/// one file (a symlink, a hard link, `..` through a symlinked folder: same
+/// device and inode, or the same block device) and refuses that as it refuses a
+/// path written twice. Files need not exist.
 pub fn load(path: &Path, target: Option<&str>) -> Result<DiskConfig, ConfigErrors> {
     let label = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| ConfigError {
@@ -59,16 +65,18 @@ pub fn load(path: &Path, target: Option<&str>) -> Result<DiskConfig, ConfigError
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    parse_str(&text, &label, dir, target)
+    parse::parse(&text, &label, dir, target, true)
 }
 
 /// Parse and validate XML `text`. `file_label` prefixes error messages;
 /// relative image paths resolve against `base_dir` (made absolute first).
+/// Touches no file system: two paths are one file when they are equal once
+/// `.` and `..` are resolved (see [`load`] for the check by inode).
 pub fn parse_str(
     text: &str,
     file_label: &str,
     base_dir: &Path,
     target: Option<&str>,
 ) -> Result<DiskConfig, ConfigErrors> {
-    parse::parse(text, file_label, base_dir, target)
+    parse::parse(text, file_label, base_dir, target, false)
 }

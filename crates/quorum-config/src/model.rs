@@ -28,6 +28,32 @@ pub struct DiskConfig {
     pub alias: Option<String>,
 }
 
+impl DiskConfig {
+    /// Why the threshold is unsafe, when it is not a majority of the replicas
+    /// (`2 * T <= N`, for example 2 of 4 or 2 of 5); `None` when it is.
+    ///
+    /// A write is acknowledged once T replicas have it. Below a majority, the
+    /// replicas that missed it are at least as many as those that took it, so a
+    /// later read can be outvoted (or tied) by the old data, and two halves
+    /// that cannot see each other can each accept different writes. Valid, as
+    /// in QEMU, but worth a warning.
+    pub fn minority_threshold_warning(&self) -> Option<String> {
+        let n = self.replicas.len();
+        let t = self.threshold as usize;
+        if n == 0 || 2 * t > n {
+            return None;
+        }
+        Some(format!(
+            "threshold {t} is not a majority of {n} replicas: a write counts as done once {t} \
+             replica{s} have it, and the {missed} that missed it can then outvote (or tie) it on \
+             a later read; use a threshold of at least {majority}",
+            s = if t == 1 { "" } else { "s" },
+            missed = n - t,
+            majority = n / 2 + 1,
+        ))
+    }
+}
+
 /// `device=` of a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceKind {

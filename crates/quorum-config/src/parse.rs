@@ -6,18 +6,27 @@ use std::path::{Path, PathBuf};
 use roxmltree::{Attribute, Document, Node};
 
 use crate::error::{ConfigError, ConfigErrors, ErrorKind};
+use crate::identity::{Identity, identify};
 use crate::model::*;
 use crate::syntax;
 
 /// Deepest backing chain accepted (layers below a replica's top image).
 pub const MAX_CHAIN_DEPTH: usize = 32;
 
-/// Parse and validate `text`. See [`crate::parse_str`].
+/// Most errors reported for one document. Past this, one more line says how
+/// many were left out (kind [`ErrorKind::Omitted`], placed at the first one
+/// left out): a document that is wrong thousands of times over is usually
+/// wrong in one way, and the first errors show it.
+pub const MAX_ERRORS: usize = 20;
+
+/// Parse and validate `text`. See [`crate::parse_str`]; with `use_fs`, layers
+/// are also compared by device and inode (see [`crate::load`]).
 pub(crate) fn parse(
     text: &str,
     file: &str,
     base_dir: &Path,
     target: Option<&str>,
+    use_fs: bool,
 ) -> Result<DiskConfig, ConfigErrors> {
     let doc = match Document::parse(text) {
         Ok(d) => d,
@@ -35,7 +44,8 @@ pub(crate) fn parse(
     };
     let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
     let mut p = Parser {
-        text,
+        positions: syntax::Positions::new(text),
+        use_fs,
         file,
         base_dir: &base_dir,
         errors: Vec::new(),
@@ -47,6 +57,22 @@ pub(crate) fn parse(
         _ => {
             let mut errors = p.errors;
             errors.sort_by_key(|e| (e.line, e.col));
+            if errors.len() > MAX_ERRORS {
+                let more = errors.len() - MAX_ERRORS;
+                let first_left_out = &errors[MAX_ERRORS];
+                let note = ConfigError {
+                    file: file.to_string(),
+                    line: first_left_out.line,
+                    col: first_left_out.col,
+                    kind: ErrorKind::Omitted,
+                    message: format!(
+                        "{more} more error{} from here on not shown",
+                        if more == 1 { "" } else { "s" }
+                    ),
+                };
+                errors.truncate(MAX_ERRORS);
+                errors.push(note);
+            }
             Err(ConfigErrors(errors))
         }
     }
@@ -56,12 +82,18 @@ pub(crate) fn parse(
 struct LayerSeen {
     replica: usize,
     depth: usize,
-    key: String,
+    /// The path (or NBD address) as written out in full.
+    name: String,
+    /// Equal for layers that are one file.
+    key: Identity,
     pos: (u32, u32),
 }
 
 struct Parser<'a> {
-    text: &'a str,
+    /// Line/column lookups: one pass over the text, then cheap per error.
+    positions: syntax::Positions<'a>,
+    /// Compare layers by device and inode too (see [`crate::load`]).
+    use_fs: bool,
     file: &'a str,
     base_dir: &'a Path,
     errors: Vec<ConfigError>,
@@ -110,7 +142,7 @@ impl<'a, 'input> Children<'a, 'input> {
 
 impl Parser<'_> {
     fn pos(&self, offset: usize) -> (u32, u32) {
-        syntax::line_col(self.text, offset)
+        self.positions.line_col(offset)
     }
 
     fn push(&mut self, pos: (u32, u32), kind: ErrorKind, message: String) {
@@ -162,6 +194,8 @@ impl Parser<'_> {
     ) -> Children<'a, 'input> {
         let parent = n.tag_name().name();
         let mut found: Vec<(&'static str, Node<'a, 'input>)> = Vec::new();
+        // Which `known` names were seen, so a repeat costs O(1), not a scan of `found`.
+        let mut seen = vec![false; known.len()];
         for c in n.children() {
             if c.is_text() {
                 let t = c.text().unwrap_or("").trim();
@@ -181,9 +215,10 @@ impl Parser<'_> {
             let name = c.tag_name().name();
             let hit = known
                 .iter()
-                .find(|k| **k == name && c.tag_name().namespace().is_none());
-            match hit {
-                Some(k) if found.iter().any(|(f, _)| f == k) && !repeatable.contains(k) => {
+                .position(|k| *k == name && c.tag_name().namespace().is_none());
+            let again = hit.is_some_and(|i| std::mem::replace(&mut seen[i], true));
+            match hit.map(|i| &known[i]) {
+                Some(k) if again && !repeatable.contains(k) => {
                     self.err_node(
                         c,
                         ErrorKind::Xml,
@@ -587,11 +622,11 @@ impl Parser<'_> {
         };
         if let (Some(s), Some(src)) = (kids.one("source"), &source) {
             let pos = self.pos(s.range().start);
-            let key = display_key(src);
             self.layers.push(LayerSeen {
                 replica,
                 depth,
-                key,
+                name: display_key(src),
+                key: identify(src, self.use_fs),
                 pos,
             });
         }
@@ -855,22 +890,54 @@ impl Parser<'_> {
 
     /// A replica's top layer may appear nowhere else; shared read-only bases are fine,
     /// but a layer may not repeat inside its own chain.
+    ///
+    /// Each layer is compared with the earliest earlier layer it clashes with:
+    /// for a top layer, the first use of its path; below the top, the first top
+    /// layer or the first layer of its own replica with that path. Kept per path,
+    /// so the check is linear in the number of layers.
     fn duplicates(&mut self) {
+        #[derive(Default)]
+        struct FirstUses {
+            any: Option<usize>,
+            top: Option<usize>,
+            by_replica: HashMap<usize, usize>,
+        }
         let layers = std::mem::take(&mut self.layers);
-        let mut seen: HashMap<&str, Vec<&LayerSeen>> = HashMap::new();
-        for l in &layers {
-            let prev = seen.entry(l.key.as_str()).or_default();
-            let clash = prev
-                .iter()
-                .find(|p| l.depth == 0 || p.depth == 0 || p.replica == l.replica);
-            if let Some(first) = clash {
-                let msg = format!(
-                    "replica path '{}' is used more than once (first at line {}, column {})",
-                    l.key, first.pos.0, first.pos.1
-                );
+        let mut seen: HashMap<&Identity, FirstUses> = HashMap::new();
+        for (i, l) in layers.iter().enumerate() {
+            let uses = seen.entry(&l.key).or_default();
+            let clash = if l.depth == 0 {
+                uses.any
+            } else {
+                match (uses.top, uses.by_replica.get(&l.replica)) {
+                    (Some(a), Some(&b)) => Some(a.min(b)),
+                    (a, b) => a.or(b.copied()),
+                }
+            };
+            uses.any.get_or_insert(i);
+            if l.depth == 0 {
+                uses.top.get_or_insert(i);
+            }
+            uses.by_replica.entry(l.replica).or_insert(i);
+            if let Some(first) = clash.map(|j| &layers[j]) {
+                let msg = if first.name == l.name {
+                    format!(
+                        "replica path '{}' is used more than once (first at line {}, column {})",
+                        l.name, first.pos.0, first.pos.1
+                    )
+                } else {
+                    format!(
+                        "replica path '{}' is the same file as '{}' ({}; first at line {}, \
+                         column {}): one file can only be one replica",
+                        l.name,
+                        first.name,
+                        l.key.reason(),
+                        first.pos.0,
+                        first.pos.1
+                    )
+                };
                 self.push(l.pos, ErrorKind::Unsupported, msg);
             }
-            prev.push(l);
         }
     }
 

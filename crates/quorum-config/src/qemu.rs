@@ -211,3 +211,66 @@ pub fn nested_json(cfg: &DiskConfig) -> Value {
     q.insert("children".into(), Value::Array(children));
     Value::Object(q)
 }
+
+/// Where qemu-storage-daemon's NBD server listens (`--nbd-server addr.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// A unix socket, relative to the daemon's working folder unless absolute.
+    Unix(std::path::PathBuf),
+    /// A TCP address.
+    Inet {
+        /// Host name or address.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+}
+
+/// One command-line argument per element: `--blockdev` then the node's JSON,
+/// for every node of [`blockdev_args`]. Both qemu-system-* and
+/// qemu-storage-daemon take `--blockdev`; no element holds a newline, so one
+/// per line is safe for `mapfile -t` or `xargs -d '\n'`.
+pub fn argv(cfg: &DiskConfig) -> Vec<String> {
+    blockdev_args(cfg)
+        .into_iter()
+        .flat_map(|node| ["--blockdev".to_string(), node.to_string()])
+        .collect()
+}
+
+/// A value for QEMU's `key=value,...` syntax: a comma is written twice.
+fn keyval(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+/// The qemu-storage-daemon arguments that export the quorum node over NBD,
+/// after [`argv`]: `--nbd-server addr...` and `--export type=nbd,...`, one
+/// argument per element. The export is writable unless the disk is
+/// `<readonly/>`. Fails when a value holds a newline (it could not be passed
+/// one argument per line).
+pub fn qsd_nbd_export(cfg: &DiskConfig, addr: &NbdAddr, name: &str) -> Result<Vec<String>, String> {
+    let server = match addr {
+        NbdAddr::Unix(path) => {
+            let p = path.to_string_lossy();
+            format!("addr.type=unix,addr.path={}", keyval(&p))
+        }
+        NbdAddr::Inet { host, port } => {
+            format!("addr.type=inet,addr.host={},addr.port={port}", keyval(host))
+        }
+    };
+    let export = format!(
+        "type=nbd,id=export-{dev},node-name={node},name={name},writable={w}",
+        dev = keyval(&cfg.target.dev),
+        node = keyval(&quorum_node_name(cfg)),
+        name = keyval(name),
+        w = if cfg.readonly { "off" } else { "on" },
+    );
+    if server.contains('\n') || export.contains('\n') {
+        return Err("the NBD socket path or export name holds a newline".into());
+    }
+    Ok(vec![
+        "--nbd-server".into(),
+        server,
+        "--export".into(),
+        export,
+    ])
+}

@@ -4,12 +4,72 @@ use roxmltree::Error as X;
 
 /// 1-based line and column (in characters) of a byte offset.
 pub(crate) fn line_col(text: &str, offset: usize) -> (u32, u32) {
-    let offset = floor_char_boundary(text, offset.min(text.len()));
-    let before = &text[..offset];
-    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before[line_start..].chars().count() + 1;
-    (to_u32(line), to_u32(col))
+    Positions::new(text).line_col(offset)
+}
+
+/// Bytes per checkpoint of [`Positions`]' character counts.
+const CHUNK: usize = 256;
+
+/// Line and column lookups for many offsets of one text.
+///
+/// Built once in O(n); each lookup then costs a binary search over the line
+/// starts plus at most two partial chunks of `CHUNK` bytes, so reporting k
+/// errors of an n-byte document costs O(n + k) rather than O(n * k) (even
+/// when the whole document is one line).
+pub(crate) struct Positions<'a> {
+    text: &'a str,
+    /// Byte offset of the start of every line (the first is 0).
+    line_starts: Vec<usize>,
+    /// `chars_before[i]`: characters in `text[..i * CHUNK]`.
+    chars_before: Vec<usize>,
+}
+
+/// True for the first byte of a UTF-8 character.
+fn starts_char(b: u8) -> bool {
+    (b as i8) >= -0x40
+}
+
+impl<'a> Positions<'a> {
+    pub(crate) fn new(text: &'a str) -> Self {
+        let bytes = text.as_bytes();
+        let mut line_starts = vec![0];
+        line_starts.extend(
+            bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        let mut chars_before = Vec::with_capacity(bytes.len() / CHUNK + 2);
+        let mut n = 0;
+        for chunk in bytes.chunks(CHUNK) {
+            chars_before.push(n);
+            n += chunk.iter().filter(|b| starts_char(**b)).count();
+        }
+        chars_before.push(n);
+        Positions {
+            text,
+            line_starts,
+            chars_before,
+        }
+    }
+
+    /// Characters in `text[..offset]`; `offset` is at most the text length.
+    fn chars_to(&self, offset: usize) -> usize {
+        let c = offset / CHUNK;
+        let partial = &self.text.as_bytes()[c * CHUNK..offset];
+        self.chars_before[c] + partial.iter().filter(|b| starts_char(**b)).count()
+    }
+
+    /// 1-based line and column (in characters) of a byte offset; offsets past
+    /// the end or inside a character count from the character's start.
+    pub(crate) fn line_col(&self, offset: usize) -> (u32, u32) {
+        let offset = floor_char_boundary(self.text, offset.min(self.text.len()));
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self.line_starts[line - 1];
+        let col = self.chars_to(offset) - self.chars_to(start) + 1;
+        (to_u32(line), to_u32(col))
+    }
 }
 
 fn to_u32(n: usize) -> u32 {
@@ -154,4 +214,37 @@ fn unquoted_attribute(text: &str, value_at: usize) -> Option<(u32, u32, String)>
         col,
         format!("attribute value must be quoted ({name}={value})"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The straightforward definition the lookup table must agree with.
+    fn naive(text: &str, offset: usize) -> (u32, u32) {
+        let offset = floor_char_boundary(text, offset.min(text.len()));
+        let before = &text[..offset];
+        let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let col = before[line_start..].chars().count() + 1;
+        (to_u32(line), to_u32(col))
+    }
+
+    #[test]
+    fn positions_agree_with_counting_from_the_start() {
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(["a", "é", "\n", "日本", "<x/>", "𝄞", "\n\n"][i % 7]);
+        }
+        let p = Positions::new(&text);
+        for offset in 0..=text.len() + 3 {
+            assert_eq!(p.line_col(offset), naive(&text, offset), "offset {offset}");
+        }
+    }
+
+    #[test]
+    fn positions_of_an_empty_text_are_the_start() {
+        assert_eq!(Positions::new("").line_col(0), (1, 1));
+        assert_eq!(Positions::new("").line_col(9), (1, 1));
+    }
 }

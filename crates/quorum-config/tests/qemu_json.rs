@@ -215,3 +215,70 @@ fn nested_json_inlines_the_chain() {
         ]})
     );
 }
+
+// ---- one argument per line: argv and qemu-storage-daemon ----
+
+#[test]
+fn argv_is_blockdev_then_json_for_every_node_in_order() {
+    let cfg = disk(
+        &(file("raw", "a,b.raw", "") + &file("qcow2", "c.qcow2", "<backingStore/>")),
+        "",
+    );
+    let nodes = qemu::blockdev_args(&cfg);
+
+    let argv = qemu::argv(&cfg);
+
+    assert_eq!(argv.len(), 2 * nodes.len());
+    for (pair, node) in argv.chunks(2).zip(&nodes) {
+        assert_eq!(pair[0], "--blockdev");
+        assert_eq!(serde_json::from_str::<Value>(&pair[1]).unwrap(), *node);
+    }
+    assert!(argv.iter().all(|a| !a.contains('\n')));
+}
+
+#[test]
+fn qsd_export_names_the_quorum_node_and_escapes_commas() {
+    let cfg = disk(&file("raw", "a.raw", ""), "");
+
+    let unix =
+        qemu::qsd_nbd_export(&cfg, &qemu::NbdAddr::Unix("run/a,b.sock".into()), "vda").unwrap();
+    let tcp = qemu::qsd_nbd_export(
+        &cfg,
+        &qemu::NbdAddr::Inet {
+            host: "127.0.0.1".into(),
+            port: 10809,
+        },
+        "x,y",
+    )
+    .unwrap();
+
+    assert_eq!(
+        unix,
+        [
+            "--nbd-server",
+            "addr.type=unix,addr.path=run/a,,b.sock",
+            "--export",
+            "type=nbd,id=export-vda,node-name=libvirt-quorum-vda,name=vda,writable=on",
+        ]
+    );
+    assert_eq!(tcp[1], "addr.type=inet,addr.host=127.0.0.1,addr.port=10809");
+    assert_eq!(
+        tcp[3],
+        "type=nbd,id=export-vda,node-name=libvirt-quorum-vda,name=x,,y,writable=on"
+    );
+}
+
+#[test]
+fn qsd_export_of_a_readonly_disk_is_not_writable_and_newlines_are_refused() {
+    let xml = format!(
+        "<disk type='quorum'><threshold value='1'/>{}<target dev='vdb'/><readonly/></disk>",
+        file("raw", "a.raw", "")
+    );
+    let cfg = parse_str(&xml, "t.xml", Path::new("/i"), None).unwrap();
+    let addr = qemu::NbdAddr::Unix("s.sock".into());
+
+    let args = qemu::qsd_nbd_export(&cfg, &addr, "vdb").unwrap();
+
+    assert!(args[3].ends_with(",writable=off"), "{args:?}");
+    assert!(qemu::qsd_nbd_export(&cfg, &addr, "a\nb").is_err());
+}

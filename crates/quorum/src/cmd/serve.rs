@@ -207,6 +207,7 @@ impl Backend for DiskBackend {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     crate::output::init_serve_logging();
     let cfg = load_disk(&args.file, args.target.as_deref())?;
+    super::validate::log_threshold_warning(&cfg);
     if args.create_missing {
         create_missing(&cfg, args.size, None, &mut crate::output::lossy_stderr())?;
     }

@@ -8,15 +8,27 @@ use quorum_config::DiskConfig;
 /// Check a quorum disk XML document.
 ///
 /// Prints a one-line summary (`vda: quorum of 3 replicas, threshold 2`) and
-/// exits 0 when the document is valid. Otherwise prints every error as
+/// exits 0 when the document is valid. Otherwise prints its errors as
 /// `FILE:LINE:COL: XML error: ...` or `FILE:LINE:COL: unsupported configuration: ...`
-/// on stderr and exits 1. Image files need not exist unless `--probe` is given.
+/// on stderr (the first 20, then one line counting the rest) and exits 1.
+/// Image files need not exist unless `--probe` is given.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 Prints `vda: quorum of 3 replicas, threshold 2` and exits 0 when the document is valid.
-Otherwise prints every error on stderr, one per line, and exits 1:
+Otherwise prints the errors on stderr, one per line, and exits 1:
   disk.xml:4:14: XML error: attribute value must be quoted (value=2)
   disk.xml:3:3: unsupported configuration: quorum threshold 4 exceeds the number of replicas (3)
+A malformed document stops at its first fault; a well-formed one lists every error, up to
+20, then one line says how many more there are and where they start:
+  disk.xml:31:3: too many errors: 4980 more errors from here on not shown
+
+One file is one replica: two paths that reach the same file (a symlink, a hard link,
+`..` through a symlinked folder; same device and inode, or the same block device) are
+refused like a path written twice, naming both. serve, check and create refuse it too.
+
+A threshold that is not a majority of the replicas (2 of 4, 2 of 5) is valid but
+warned about on stderr (exit status 0): a write acknowledged by T replicas can be
+outvoted later by the replicas that missed it. `quorum serve` logs the same warning.
 
 Example:
   quorum validate examples/quorum.xml --target vda")]
@@ -53,10 +65,20 @@ pub(crate) fn summary(cfg: &DiskConfig) -> String {
     )
 }
 
+/// Log (for `serve`) that the threshold is below a majority, with the reason.
+pub(crate) fn log_threshold_warning(cfg: &DiskConfig) {
+    if let Some(w) = cfg.minority_threshold_warning() {
+        tracing::warn!("{w}");
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Some(cfg) = load_or_report(&args.file, args.target.as_deref()) else {
         return Ok(ExitCode::from(1));
     };
+    if let Some(w) = cfg.minority_threshold_warning() {
+        eprintln!("{}: warning: {w}", args.file.display());
+    }
     if args.probe {
         let problems = super::probe::probe(&cfg)?;
         if !problems.is_empty() {
