@@ -576,6 +576,57 @@ impl Record {
     }
 }
 
+/// What [`inspect`] finds in a record, read without taking its lock (a
+/// running daemon holds it): a snapshot, for `quorum status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// The current header.
+    pub header: Header,
+    /// Dirty regions.
+    pub dirty_regions: u64,
+    /// Missed chunks per replica.
+    pub missed_chunks: Vec<u64>,
+    /// Bitmap pages that failed their checksum (counted as all set).
+    pub bad_pages: usize,
+    /// Another process holds the record's lock (a daemon serves the disk).
+    pub in_use: bool,
+}
+
+/// Read the record at `path` without locking or changing it. `Err` says
+/// why it cannot be trusted (missing, corrupt): a daemon would start a
+/// full comparison.
+pub fn inspect(path: &Path) -> Result<Inspection, Distrust> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Distrust::Missing),
+        Err(e) => return Err(Distrust::Corrupt(format!("cannot open: {e}"))),
+    };
+    let header = read_header(&file).map_err(Distrust::Corrupt)?;
+    // SAFETY: flock on a descriptor we own; a shared try-lock, released at once.
+    let in_use = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0;
+    if !in_use {
+        // SAFETY: as above.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    }
+    let mut dirty = Bitmap::new(2 * SLOT, header.size.div_ceil(header.region));
+    let mut base = 2 * SLOT + dirty.bytes();
+    let mut bad = load_pages(&file, &mut dirty).map_err(|e| Distrust::Corrupt(e.to_string()))?;
+    let mut missed_chunks = Vec::with_capacity(header.replicas.len());
+    for _ in 0..header.replicas.len() {
+        let mut m = Bitmap::new(base, header.size.div_ceil(header.chunk));
+        base += m.bytes();
+        bad += load_pages(&file, &mut m).map_err(|e| Distrust::Corrupt(e.to_string()))?;
+        missed_chunks.push(m.count());
+    }
+    Ok(Inspection {
+        dirty_regions: dirty.count(),
+        missed_chunks,
+        bad_pages: bad,
+        in_use,
+        header,
+    })
+}
+
 fn load_pages(file: &File, map: &mut Bitmap) -> io::Result<usize> {
     let mut bad = 0;
     let mut page = vec![0u8; PAGE];
@@ -809,6 +860,28 @@ mod tests {
         drop(open(&p));
         let o = Record::open(&p, 128 * MIB, 4 * MIB, 64 << 10, 3).unwrap();
         assert!(matches!(o.distrust, Some(Distrust::Mismatch(_))));
+    }
+
+    #[test]
+    fn inspect_reads_a_locked_record_without_changing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.state");
+        let o = open(&p);
+        o.record.mark_missed(1, 0..10);
+        o.record.sync().unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let i = inspect(&p).unwrap();
+        assert_eq!(
+            (
+                i.in_use,
+                i.dirty_regions,
+                i.missed_chunks,
+                std::fs::read(&p).unwrap() == before
+            ),
+            (true, 16, vec![0, 10, 0], true)
+        );
+        drop(o);
+        assert_eq!(inspect(&dir.path().join("none")), Err(Distrust::Missing));
     }
 
     #[test]
