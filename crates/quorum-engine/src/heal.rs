@@ -53,12 +53,10 @@ pub(crate) struct Heal {
     intent: Mutex<Intent>,
     /// Counts ended writes; a region's `ended` is the value after its last.
     epoch: AtomicU64,
-    /// Regions to reconcile before anything reads or writes them.
+    /// Regions to reconcile before anything reads or writes them: dirty
+    /// (writes were in flight) or unknown (never compared).
     unsettled: Mutex<Vec<bool>>,
     unsettled_left: AtomicU64,
-    /// The unsettled regions come from a record started afresh: compare
-    /// them by the disk's threshold only (see `Header::compare_only`).
-    compare_only: std::sync::atomic::AtomicBool,
     /// Resync rate limit in bytes per second (0: none).
     rate: u64,
     /// Bytes the resync copied so far (all replicas).
@@ -98,7 +96,7 @@ impl Heal {
         let h = record.header();
         let regions = record.regions() as usize;
         let mut unsettled = vec![false; regions];
-        let dirty = record.dirty_regions();
+        let dirty = record.unsettled_regions();
         for &r in &dirty {
             unsettled[r as usize] = true;
         }
@@ -113,7 +111,6 @@ impl Heal {
             epoch: AtomicU64::new(0),
             unsettled: Mutex::new(unsettled),
             unsettled_left: AtomicU64::new(dirty.len() as u64),
-            compare_only: std::sync::atomic::AtomicBool::new(h.compare_only),
             rate,
             copied: AtomicU64::new(0),
             reconciled: AtomicU64::new(0),
@@ -250,7 +247,8 @@ impl Heal {
         let mut u = self.unsettled.lock();
         if std::mem::take(&mut u[r as usize])
             && self.unsettled_left.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.compare_only.swap(false, Ordering::AcqRel)
+            && self.record.header().compare_only
+            && self.record.unknown_count() == 0
         {
             drop(u);
             if let Err(e) = self.record.write_header(|h| h.compare_only = false) {
@@ -327,6 +325,9 @@ impl Members {
         if !h.is_unsettled(r) {
             return;
         }
+        // Never compared since a fresh record: only a majority decides.
+        // Dirty from writes in flight at a crash: every block is decided.
+        let compare_only = h.record.is_unknown(r);
         let n = self.slots.len();
         // Replicas that are not up miss whatever is made equal here.
         let down: Mask = (0..n)
@@ -358,7 +359,7 @@ impl Members {
                 .iter()
                 .map(|b| b.as_deref().map_or(Copy::Failed(libc::EIO), Copy::Data))
                 .collect();
-            let decided = if h.compare_only.load(Ordering::Acquire) {
+            let decided = if compare_only {
                 // Nothing is known of this region: only a majority decides.
                 let ok = copies.iter().filter(|c| matches!(c, Copy::Data(_))).count();
                 match vote_read(&copies, h.threshold.min(n), at, Granularity::Block(4096)) {
@@ -402,8 +403,9 @@ impl Members {
             self.record_missed(missed | down, start, len);
         }
         if complete {
-            h.settled(r);
+            h.record.clear_unknown(r);
             h.record.clear_dirty(r);
+            h.settled(r);
         }
     }
 
