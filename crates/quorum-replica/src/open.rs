@@ -10,7 +10,9 @@ use imago::{FormatCreateBuilder, StorageOpenOptions};
 use quorum_config::model::{Backing, ImageFormat, Source, StorageSource};
 
 use crate::header::{Qcow2Header, has_qcow2_magic};
-use crate::qcow2::{backing_layer, parse_format, refusal_error, resolve_backing, same_file};
+use crate::qcow2::{
+    backing_layer, corruption_message, inspect_qcow2, parse_format, resolve_backing, same_file,
+};
 use crate::raw::file_size;
 use crate::{NbdReplica, OpenError, Qcow2Replica, RawReplica, Replica};
 
@@ -108,11 +110,17 @@ fn probe_path(path: &Path) -> Result<ProbeInfo, OpenError> {
         });
     }
     let h = Qcow2Header::read(&file).map_err(|e| OpenError::invalid(path, e.to_string()))?;
+    // The same checks `open` makes, so `validate --probe` refuses what
+    // `serve` refuses (and reports what it would refuse writes to).
+    let refusal = match inspect_qcow2(path, &file) {
+        Ok((_, layout)) => corruption_message(path, &layout),
+        Err(e) => Some(e.to_string()),
+    };
     Ok(ProbeInfo {
         path: path.to_path_buf(),
         format: ImageFormat::Qcow2,
         virtual_size: h.size,
-        refusal: h.refusal().map(|r| refusal_error(path, r).to_string()),
+        refusal,
         backing_file: h.backing_file,
         backing_format: h.backing_format,
     })
