@@ -61,10 +61,26 @@ pub fn open(src: &StorageSource, opts: &OpenOptions) -> Result<Box<dyn Replica>,
                     "a raw image cannot have a backing store",
                 ));
             }
+            refuse_qcow2_declared_raw(path)?;
             Ok(Box::new(RawReplica::open(path, opts)?))
         }
         ImageFormat::Qcow2 => Ok(Box::new(Qcow2Replica::open(src, opts)?)),
     }
+}
+
+/// A file the XML calls raw but that starts with the qcow2 magic is
+/// refused as a format mismatch (opened as raw, its size would be the file's
+/// and the guest would see the qcow2 metadata).
+fn refuse_qcow2_declared_raw(path: &Path) -> Result<(), OpenError> {
+    let file = fs::File::open(path).map_err(|e| OpenError::io(path, "open", e))?;
+    if has_qcow2_magic(&file).map_err(|e| OpenError::io(path, "read header", e))? {
+        return Err(OpenError::FormatMismatch {
+            path: path.to_path_buf(),
+            expected: "raw",
+            found: "qcow2 (it starts with the qcow2 magic; declare it qcow2 if it is one)",
+        });
+    }
+    Ok(())
 }
 
 /// What a file looks like, read without locks.

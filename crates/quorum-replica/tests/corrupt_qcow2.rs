@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use quorum_config::model::ImageFormat;
 use quorum_replica::{ErrorKind, OpenError, OpenOptions, Replica, open, probe_chain};
 use tempfile::TempDir;
 
@@ -293,4 +294,27 @@ fn metadata_allocated_after_open_is_guarded_too() {
         ],
     );
     assert_eq!(read(&*r, 1 << 30, 4096), vec![0x22; 4096]);
+}
+
+#[test]
+fn raw_declared_file_with_qcow2_magic_is_a_format_mismatch() {
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "q.qcow2");
+    let err = open(
+        &layer(
+            &path,
+            ImageFormat::Raw,
+            quorum_config::model::Backing::Unspecified,
+        ),
+        &rw(false),
+    )
+    .unwrap_err();
+    assert!(matches!(err, OpenError::FormatMismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(p(&path))
+            && text.contains("the XML says format raw")
+            && text.contains("qcow2"),
+        "{text}"
+    );
 }

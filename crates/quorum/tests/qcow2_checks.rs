@@ -1,0 +1,225 @@
+//! qcow2 images that are wrong, through the CLI: `validate --probe` refuses
+//! what `serve` and `check` refuse, a qcow2 file declared raw is a format
+//! mismatch, and a disk with one corrupt qcow2 replica keeps serving the
+//! majority's data (`quorum serve` driven by qemu-io).
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use support::{
+    Daemon, Disk, Format, Options, TIMEOUT, create_image, qemu_io, quorum, require, run_timeout,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn poke(path: &Path, off: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+/// `quorum serve` on `disk`, expected to refuse to start: its output.
+fn serve_refused(disk: &Disk) -> support::Output {
+    let out = run_timeout(
+        Command::new(env!("CARGO_BIN_EXE_quorum"))
+            .arg("serve")
+            .arg(&disk.xml)
+            .arg("--socket")
+            .arg(disk.file("nbd.sock")),
+        TIMEOUT,
+    );
+    assert_ne!(out.code, Some(0), "{out}");
+    out
+}
+
+#[test]
+fn a_qcow2_file_declared_raw_is_a_format_mismatch_for_serve_check_and_probe() {
+    let disk = Disk::new(&[Format::Raw; 3], MIB, &Options::default());
+    std::fs::remove_file(disk.path(1)).unwrap();
+    create_image(disk.path(1), Format::Qcow2, MIB, None);
+    let name = disk.path(1).to_str().unwrap();
+
+    let check = quorum(["check", disk.xml.to_str().unwrap()]);
+    let serve = serve_refused(&disk);
+    for out in [&check, &serve] {
+        assert_ne!(out.code, Some(0), "{out}");
+        assert!(
+            out.stderr.contains(name)
+                && out
+                    .stderr
+                    .contains("the XML says format raw, but the file is qcow2"),
+            "{out}"
+        );
+        assert!(!out.stderr.contains("size"), "{out}");
+    }
+    let probe = quorum(["validate", "--probe", disk.xml.to_str().unwrap()]);
+    assert_eq!(probe.code, Some(1), "{probe}");
+    assert!(probe.stderr.contains("replica 1:"), "{probe}");
+}
+
+/// Header edits QEMU refuses to open: (offset, bytes, what quorum says,
+/// what `qemu-img info` says).
+const BAD_HEADERS: &[(&str, u64, &[u8], &str, &str)] = &[
+    (
+        "cluster size 4 MiB",
+        20,
+        &22u32.to_be_bytes(),
+        "unsupported cluster size 2^22",
+        "Unsupported cluster size",
+    ),
+    (
+        "L1 table of 5 Mi entries",
+        36,
+        &0x50_0000u32.to_be_bytes(),
+        "active L1 table too large",
+        "Active L1 table too large",
+    ),
+    (
+        "refcount table of 1 Mi clusters",
+        56,
+        &0x10_0000u32.to_be_bytes(),
+        "refcount table too large",
+        "Reference count table too large",
+    ),
+    (
+        "L1 table of 0 entries",
+        36,
+        &0u32.to_be_bytes(),
+        "L1 table is too small",
+        "L1 table is too small",
+    ),
+];
+
+#[test]
+fn validate_probe_refuses_the_qcow2_headers_serve_and_check_refuse() {
+    for &(what, off, bytes, ours, qemus) in BAD_HEADERS {
+        let disk = Disk::new(&[Format::Qcow2; 3], MIB, &Options::default());
+        poke(disk.path(2), off, bytes);
+        let name = disk.path(2).to_str().unwrap();
+
+        let info = run_timeout(
+            Command::new(require("qemu-img"))
+                .args(["info", "-f", "qcow2"])
+                .arg(disk.path(2)),
+            TIMEOUT,
+        );
+        assert!(!info.ok() && info.stderr.contains(qemus), "{what}: {info}");
+
+        let probe = quorum(["validate", "--probe", disk.xml.to_str().unwrap()]);
+        assert_eq!(probe.code, Some(1), "{what}: {probe}");
+        assert!(
+            probe.stderr.contains("replica 2:")
+                && probe.stderr.contains(name)
+                && probe.stderr.contains(ours),
+            "{what}: {probe}"
+        );
+        let check = quorum(["check", disk.xml.to_str().unwrap()]);
+        let serve = serve_refused(&disk);
+        for out in [&check, &serve] {
+            assert!(
+                out.stderr.contains(name) && out.stderr.contains(ours),
+                "{what}: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn chain_end_over_a_header_backing_file_is_accepted_by_probe_and_serve_alike() {
+    // `<backingStore/>` ends the chain (QEMU's `backing: null`) even when the
+    // header names a backing file: serve reads zeroes there, probe agrees.
+    let disk = Disk::new(&[Format::Qcow2; 3], MIB, &Options::default());
+    let base = disk.file("base.raw");
+    create_image(&base, Format::Raw, MIB, None);
+    std::fs::remove_file(disk.path(0)).unwrap();
+    create_image(disk.path(0), Format::Qcow2, MIB, Some(&base));
+    assert!(
+        disk.xml_text(&Options::default())
+            .contains("<backingStore/>")
+    );
+
+    let probe = quorum(["validate", "--probe", disk.xml.to_str().unwrap()]);
+    assert_eq!(probe.code, Some(0), "{probe}");
+    let d = Daemon::start(&disk, &[]);
+    let out = qemu_io(&d.uri, &["read -P 0 0 64k"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// A 3-replica qcow2 disk with 64 KiB of 0x11 at 0 in every replica.
+fn disk_with_data() -> Disk {
+    let disk = Disk::new(&[Format::Qcow2; 3], 64 * MIB, &Options::default());
+    for i in 0..3 {
+        let out = run_timeout(
+            Command::new(require("qemu-io"))
+                .args(["-f", "qcow2", "-c", "write -P 0x11 0 64k"])
+                .arg(disk.path(i)),
+            TIMEOUT,
+        );
+        assert!(out.ok(), "{out}");
+    }
+    disk
+}
+
+/// Serve `disk`, write 0x22 at 0 and 1 MiB, read back both and the old
+/// data in between: the majority must carry every command.
+fn majority_carries_on(disk: &Disk) -> (support::Output, String) {
+    let d = Daemon::start(disk, &[]);
+    let out = qemu_io(
+        &d.uri,
+        &[
+            "read -P 0x11 4k 60k",
+            "write -P 0x22 0 4k",
+            "write -P 0x22 1M 64k",
+            "read -P 0x22 0 4k",
+            "read -P 0x11 4k 60k",
+            "read -P 0x22 1M 64k",
+        ],
+    );
+    let log = d.log_text();
+    assert_eq!(d.stop(), Some(0), "{log}");
+    (out, log)
+}
+
+#[test]
+fn one_replica_with_its_refcount_table_beyond_eof_does_not_take_the_disk_down() {
+    let disk = disk_with_data();
+    poke(disk.path(1), 48, &0x4000_0000u64.to_be_bytes());
+    let header = std::fs::read(disk.path(1)).unwrap();
+
+    let (out, log) = majority_carries_on(&disk);
+
+    assert!(out.ok() && !out.text().contains("failed"), "{out}\n{log}");
+    assert!(log.contains("beyond the end of the file"), "{log}");
+    assert_eq!(std::fs::read(disk.path(1)).unwrap(), header);
+}
+
+#[test]
+fn one_replica_whose_l2_entry_points_at_its_l2_table_does_not_take_the_disk_down() {
+    let disk = disk_with_data();
+    poke(
+        disk.path(1),
+        0x40000,
+        &0x8000_0000_0004_0000u64.to_be_bytes(),
+    );
+    let l2 = std::fs::read(disk.path(1)).unwrap()[0x40000..0x50000].to_vec();
+
+    let (out, log) = majority_carries_on(&disk);
+
+    assert!(out.ok() && !out.text().contains("failed"), "{out}\n{log}");
+    assert!(log.contains("preventing invalid write"), "{log}");
+    assert_eq!(
+        std::fs::read(disk.path(1)).unwrap()[0x40000..0x50000],
+        l2[..]
+    );
+    // Still opens, so `qemu-img check -r all` can repair it.
+    let check = run_timeout(
+        Command::new(require("qemu-img"))
+            .args(["check", "-r", "all"])
+            .arg(disk.path(1)),
+        TIMEOUT,
+    );
+    assert!(check.ok(), "{check}");
+}
