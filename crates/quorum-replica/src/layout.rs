@@ -17,6 +17,7 @@
 //! land on a host range holding metadata is refused, as QEMU's metadata
 //! overlap check refuses it ("Preventing invalid write on metadata").
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -32,6 +33,10 @@ const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 const MAX_SNAPSHOTS: u32 = 65536;
 /// Bits 9..=55 of an L1 entry hold the L2 table offset.
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// An L2 entry whose cluster may be written in place (refcount 1).
+const L2_COPIED: u64 = 1 << 63;
+/// An L2 entry for a compressed cluster.
+const L2_COMPRESSED: u64 = 1 << 62;
 /// Bits 9..=63 of a refcount table entry hold the refcount block offset.
 const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
@@ -178,13 +183,39 @@ pub(crate) struct Layout {
     pub corruption: Vec<String>,
 }
 
+/// Images whose file holds more clusters than this (16 TiB of 64 KiB
+/// clusters) get no data-cluster scan at open (its bitmaps would take
+/// more than 64 MiB).
+const MAX_SCANNED_CLUSTERS: u64 = 1 << 28;
+
+/// A fixed-size bit set over host cluster indices; indices outside it read
+/// as set (so nothing beyond it is trusted).
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: u64) -> Self {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.0
+            .get((i / 64) as usize)
+            .is_none_or(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn set(&mut self, i: u64) {
+        if let Some(w) = self.0.get_mut((i / 64) as usize) {
+            *w |= 1 << (i % 64);
+        }
+    }
+}
+
 /// At most this many corruption lines are kept.
 const MAX_PROBLEMS: usize = 8;
 
-fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
-    let mut buf = vec![0u8; (entries * 8) as usize];
+/// Fill `buf` from `offset`; bytes past the end of the file stay zero.
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
-    // Bytes past the end of the file read as zeroes (unused entries).
     while done < buf.len() {
         let n = file.read_at(&mut buf[done..], offset + done as u64)?;
         if n == 0 {
@@ -192,6 +223,12 @@ fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
         }
         done += n;
     }
+    Ok(())
+}
+
+fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
+    let mut buf = vec![0u8; (entries * 8) as usize];
+    read_at_most(file, &mut buf, offset)?;
     Ok(buf
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
@@ -289,6 +326,96 @@ impl Layout {
                 ));
             }
         }
+        // Every metadata cluster must be counted as used: an allocator that
+        // thinks it free would hand it out (a missing refcount block is even
+        // placed over the first cluster it covers, e.g. the header).
+        if in_file(t.refcount_table_offset) {
+            let reftable = read_table(file, t.refcount_table_offset, reftable_entries)?;
+            let mut refcounts = Refcounts::new(file, t, &reftable);
+            // Host clusters in use so far (metadata, then active data).
+            let clusters = file_end / cs;
+            let scan_data = clusters <= MAX_SCANNED_CLUSTERS;
+            let bits = if scan_data { clusters } else { 0 };
+            let mut used = Bits::new(bits);
+            let mut meta = Bits::new(bits);
+            'regions: for r in &regions {
+                if r.end > file_end {
+                    continue;
+                }
+                let mut c = r.start / cs;
+                while c * cs < r.end {
+                    used.set(c);
+                    meta.set(c);
+                    if refcounts.get(c)? == 0 {
+                        note(format!("cluster {c:#x} of the {r} has refcount 0"));
+                        continue 'regions;
+                    }
+                    c += 1;
+                }
+            }
+            // Data clusters of the active L2 tables (what `qemu-img check`
+            // counts): inside the file, not metadata, counted, and not
+            // shared unless their refcount says so. Compressed clusters
+            // may share a host cluster and are left out.
+            let l2s: Vec<u64> = regions
+                .iter()
+                .filter(|r| scan_data && r.kind == Kind::L2 && r.end <= file_end)
+                .map(|r| r.start)
+                .collect();
+            let mut l2 = vec![0u8; cs as usize];
+            for l2_off in l2s {
+                read_at_most(file, &mut l2, l2_off)?;
+                for (i, e) in l2.chunks_exact(8).enumerate() {
+                    let e = u64::from_be_bytes(e.try_into().unwrap());
+                    let off = e & L1_OFFSET_MASK;
+                    if e & L2_COMPRESSED != 0 || off == 0 {
+                        continue;
+                    }
+                    let at = || format!("L2 table at {l2_off:#x} entry {i}");
+                    if !off.is_multiple_of(cs) {
+                        note(format!("{}: data cluster {off:#x} is not aligned", at()));
+                        continue;
+                    }
+                    let c = off / cs;
+                    if off >= file_end {
+                        note(format!(
+                            "{}: data cluster {off:#x} lies beyond the end of the file ({file_len} bytes)",
+                            at()
+                        ));
+                    } else {
+                        let refcount = refcounts.get(c)?;
+                        let copied = e & L2_COPIED != 0;
+                        // Shared (with metadata or another guest cluster)
+                        // is fine only for a counted, copy-on-write cluster.
+                        let shared_badly = copied || refcount < 2;
+                        if refcount == 0 {
+                            note(format!("{}: data cluster {off:#x} has refcount 0", at()));
+                        } else if meta.get(c) && shared_badly {
+                            let r = regions
+                                .iter()
+                                .find(|r| r.start < off + cs && r.end > off)
+                                .copied();
+                            let what = r.map_or("metadata".to_string(), |r| r.to_string());
+                            note(format!(
+                                "{}: data cluster {off:#x} overlaps the {what}",
+                                at()
+                            ));
+                        } else if used.get(c) && shared_badly {
+                            note(format!(
+                                "{}: data cluster {off:#x} is used twice, but its refcount is {refcount}",
+                                at()
+                            ));
+                        } else if copied && refcount != 1 {
+                            note(format!(
+                                "{}: data cluster {off:#x} is marked unshared (COPIED), but its refcount is {refcount}",
+                                at()
+                            ));
+                        }
+                        used.set(c);
+                    }
+                }
+            }
+        }
         regions.sort_by_key(|r| (r.start, r.end));
         for w in regions.windows(2) {
             if w[1].start < w[0].end {
@@ -313,6 +440,60 @@ impl Layout {
             .rev()
             .find(|r| r.end > start)
             .copied()
+    }
+}
+
+/// Refcount lookups through the refcount table, one block read at a time.
+struct Refcounts<'a> {
+    file: &'a File,
+    reftable: &'a [u64],
+    cluster_bits: u32,
+    order: u32,
+    /// Refcount blocks read so far, by offset.
+    blocks: HashMap<u64, Vec<u8>>,
+}
+
+impl<'a> Refcounts<'a> {
+    fn new(file: &'a File, t: &Tables, reftable: &'a [u64]) -> Self {
+        Refcounts {
+            file,
+            reftable,
+            cluster_bits: t.cluster_bits,
+            order: t.refcount_order,
+            blocks: HashMap::new(),
+        }
+    }
+
+    /// The refcount of host cluster `c` (0 when no refcount block covers it).
+    fn get(&mut self, c: u64) -> io::Result<u64> {
+        let cs = 1u64 << self.cluster_bits;
+        // A block holds cs * 8 / 2^order entries.
+        let per_block_bits = self.cluster_bits + 3 - self.order;
+        let Some(&entry) = self.reftable.get((c >> per_block_bits) as usize) else {
+            return Ok(0);
+        };
+        let off = entry & REFT_OFFSET_MASK;
+        if off == 0 || !off.is_multiple_of(cs) {
+            return Ok(0);
+        }
+        if !self.blocks.contains_key(&off) {
+            let mut buf = vec![0u8; cs as usize];
+            read_at_most(self.file, &mut buf, off)?;
+            self.blocks.insert(off, buf);
+        }
+        let block = &self.blocks[&off];
+        let index = c & ((1 << per_block_bits) - 1);
+        let bits = 1u64 << self.order;
+        Ok(if bits < 8 {
+            let byte = block[(index * bits / 8) as usize];
+            u64::from(byte >> (index * bits % 8)) & ((1 << bits) - 1)
+        } else {
+            let width = (bits / 8) as usize;
+            let at = index as usize * width;
+            block[at..at + width]
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        })
     }
 }
 

@@ -37,6 +37,9 @@ pub struct Qcow2Replica {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// Whether imago has the image open for writing (not when read-only,
+    /// nor when the image was corrupt at open): flush and close only then.
+    image_writable: bool,
     /// Why this replica refuses writes, once it does: corruption found at
     /// open, a write that would have hit metadata, or a panic in imago.
     fenced: OnceLock<String>,
@@ -115,6 +118,8 @@ struct ChainOpener {
     locks: Vec<fs::File>,
     /// The top layer's metadata layout (depth 0), when it is qcow2.
     top_layout: Option<Layout>,
+    /// Whether imago opened the top layer for writing.
+    top_writable: bool,
 }
 
 impl ChainOpener {
@@ -185,10 +190,17 @@ impl ChainOpener {
         // Read the header through a buffered fd: the locked one may be O_DIRECT.
         let buffered = fs::File::open(path).map_err(|e| OpenError::io(path, "open", e))?;
         let (header, layout) = inspect_qcow2(path, &buffered)?;
-        if let Some(msg) = corruption_message(path, &layout) {
+        // A corrupt image is opened read-only inside imago: the replica
+        // refuses writes anyway, and imago then writes nothing at all (not
+        // even the header, to clear autoclear bits).
+        let write = if let Some(msg) = corruption_message(path, &layout) {
             tracing::error!("{msg}");
-        }
+            false
+        } else {
+            write
+        };
         if depth == 0 {
+            self.top_writable = write;
             self.top_layout = Some(layout);
         }
         let below = backing_layer(
@@ -360,6 +372,7 @@ impl Qcow2Replica {
             no_locking: opts.no_locking,
             locks: Vec::new(),
             top_layout: None,
+            top_writable: false,
         };
         let image = opener.open(src, !opts.read_only, 0)?;
         let layout = opener.top_layout.take().unwrap_or_default();
@@ -373,6 +386,7 @@ impl Qcow2Replica {
             image: RwLock::new(image),
             path,
             read_only: opts.read_only,
+            image_writable: opener.top_writable,
             fenced,
             layout: RwLock::new(Arc::new(layout)),
             layout_stale: AtomicBool::new(false),
@@ -575,7 +589,7 @@ impl Replica for Qcow2Replica {
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if !self.image_writable {
             return Ok(());
         }
         self.guarded("flush", || self.sync_all(&self.image.read(), "flush"))?;
@@ -622,7 +636,7 @@ impl Qcow2Replica {
 
 impl Drop for Qcow2Replica {
     fn drop(&mut self) {
-        if self.read_only {
+        if !self.image_writable {
             return;
         }
         let flushed = catch_unwind(AssertUnwindSafe(|| {

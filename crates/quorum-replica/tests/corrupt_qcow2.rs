@@ -169,13 +169,13 @@ fn write_onto_an_l2_table_is_refused_like_qemu_and_the_image_stays_openable() {
         "{text}"
     );
 
-    // quorum: same, and the replica then refuses all writes (QEMU marks the
-    // image corrupt and stops too); reads still work.
+    // quorum finds it at open (as `qemu-img check` does) and refuses the
+    // write, and every later one (QEMU marks the image corrupt and stops
+    // too); reads still work.
     let r = open_rw(&path).unwrap();
     let needles = [
         p(&path),
-        "preventing invalid write on qcow2 metadata",
-        "active L2 table at 0x40000..0x50000",
+        "data cluster 0x40000 overlaps the active L2 table at 0x40000..0x50000",
         "qemu-img check -r all",
     ];
     assert_eio(r.write_at(&[0xab; 4096], 0, false), &needles);
@@ -263,16 +263,47 @@ fn l2_table_beyond_eof_is_corruption() {
 }
 
 #[test]
-fn metadata_allocated_after_open_is_guarded_too() {
-    // A 2 GiB image whose data cluster 0x50000 has refcount 0: the next
-    // L2 table is allocated on top of it, and a write to guest offset 0
-    // (mapped to 0x50000) would then overwrite that new L2 table.
+fn an_l2_entry_corrupted_after_open_is_caught_by_the_write_time_overlap_check() {
+    // The image is sound at open; the L2 entry is bent onto the L2 table
+    // underneath the open replica, before imago first loads that table.
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "g.qcow2");
+    let r = open_rw(&path).unwrap();
+    poke(&path, L2, &(0x8000_0000_0000_0000u64 | L2).to_be_bytes());
+    let l2_before = peek(&path, L2, CLUSTER as usize);
+
+    assert_eio(
+        r.write_at(&[0xab; 4096], 0, false),
+        &[
+            p(&path),
+            "preventing invalid write on qcow2 metadata",
+            "active L2 table at 0x40000..0x50000",
+            "qemu-img check -r all",
+        ],
+    );
+    assert_eio(
+        r.write_at(&[0xcd; 4096], 1 << 20, false),
+        &["preventing invalid write"],
+    );
+    drop(r);
+    assert_eq!(peek(&path, L2, CLUSTER as usize), l2_before);
+}
+
+#[test]
+fn data_cluster_with_refcount_zero_is_corruption_found_at_open() {
+    // `qemu-img check`: "ERROR cluster 5 refcount=0 reference=1". QEMU
+    // opens it, hands cluster 5 out again for the next L2 table, then
+    // refuses the guest write that would overwrite that table.
     let dir = TempDir::new().unwrap();
     let path = path_in(&dir, "f.qcow2");
     qemu_image(&path, "qcow2", &[], "2G", &["write -P 0x11 0 64k"]);
     assert_eq!(be64(&path, L2), 0x8000_0000_0000_0000 | 0x50000);
     poke(&path, 0x20000 + 5 * 2, &[0, 0]);
+    let before = std::fs::read(&path).unwrap();
 
+    let (code, text) = qemu_img_check(&path);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("refcount=0 reference=1"), "{text}");
     let (ok, text) = qemu_io_bounded(
         &qemu_copy(&path),
         &["write -P 0x22 1G 4k", "flush", "write -P 0x33 0 4k"],
@@ -283,16 +314,49 @@ fn metadata_allocated_after_open_is_guarded_too() {
         "{text}"
     );
 
+    // quorum refuses writes from the start: the guest data at 0 survives.
     let r = open_rw(&path).unwrap();
-    r.write_at(&[0x22; 4096], 1 << 30, false).unwrap();
-    r.flush().unwrap();
     assert_eio(
-        r.write_at(&[0x33; 4096], 0, false),
+        r.write_at(&[0x22; 4096], 1 << 30, false),
         &[
-            "preventing invalid write",
-            "active L2 table at 0x50000..0x60000",
+            p(&path),
+            "data cluster 0x50000 has refcount 0",
+            "qemu-img check -r all",
         ],
     );
+    assert_eq!(read(&*r, 0, 65536), vec![0x11; 65536]);
+    drop(r);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn metadata_allocated_after_open_is_guarded_too() {
+    // Sound at open; then cluster 0x50000 (guest data at 0) loses its
+    // refcount underneath the replica, so the next L2 table is allocated
+    // on top of it. After the flush re-reads the layout, the write to guest
+    // offset 0, which would overwrite that L2 table, is refused.
+    let dir = TempDir::new().unwrap();
+    let path = path_in(&dir, "h.qcow2");
+    qemu_image(&path, "qcow2", &[], "2G", &["write -P 0x11 0 64k"]);
+    let r = open_rw(&path).unwrap();
+    poke(&path, 0x20000 + 5 * 2, &[0, 0]);
+
+    r.write_at(&[0x22; 4096], 1 << 30, false).unwrap();
+    assert_eq!(be64(&path, L1 + 16) & !(1 << 63), 0x50000, "not reused");
+    r.flush().unwrap();
+    assert_eio(r.write_at(&[0x33; 4096], 0, false), &[p(&path), "0x50000"]);
+    assert_eq!(read(&*r, 1 << 30, 4096), vec![0x22; 4096]);
+    drop(r);
+    // The new L2 table was not overwritten: 1 GiB still reads back.
+    assert_ne!(peek(&path, 0x50000, 8), vec![0x33; 8]);
+    let r = open(
+        &qcow2(&path),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(read(&*r, 1 << 30, 4096), vec![0x22; 4096]);
 }
 
