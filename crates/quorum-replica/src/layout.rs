@@ -355,8 +355,9 @@ impl Layout {
             }
             // Data clusters of the active L2 tables (what `qemu-img check`
             // counts): inside the file, not metadata, counted, and not
-            // shared unless their refcount says so. Compressed clusters
-            // may share a host cluster and are left out.
+            // shared unless their refcount says so. Compressed data may
+            // share host clusters, so it is only checked for lying in the
+            // file, off the metadata, in counted clusters.
             let l2s: Vec<u64> = regions
                 .iter()
                 .filter(|r| scan_data && r.kind == Kind::L2 && r.end <= file_end)
@@ -367,11 +368,43 @@ impl Layout {
                 read_at_most(file, &mut l2, l2_off)?;
                 for (i, e) in l2.chunks_exact(8).enumerate() {
                     let e = u64::from_be_bytes(e.try_into().unwrap());
-                    let off = e & L1_OFFSET_MASK;
-                    if e & L2_COMPRESSED != 0 || off == 0 {
+                    let at = || format!("L2 table at {l2_off:#x} entry {i}");
+                    if e & L2_COMPRESSED != 0 {
+                        // Compressed data: a byte range that may share host
+                        // clusters with other compressed clusters.
+                        let x = 62 - (t.cluster_bits - 8);
+                        let off = e & ((1 << x) - 1);
+                        let sectors = ((e & ((1 << 62) - 1)) >> x) + 1;
+                        let end = (off & !511).saturating_add(sectors * 512);
+                        if end > file_end {
+                            note(format!(
+                                "{}: compressed data at {off:#x} lies beyond the end of the file ({file_len} bytes)",
+                                at()
+                            ));
+                            continue;
+                        }
+                        for c in off / cs..end.div_ceil(cs) {
+                            if meta.get(c) {
+                                note(format!(
+                                    "{}: compressed data at {off:#x} overlaps metadata",
+                                    at()
+                                ));
+                                break;
+                            }
+                            if refcounts.get(c)? == 0 {
+                                note(format!(
+                                    "{}: compressed data at {off:#x} has refcount 0",
+                                    at()
+                                ));
+                                break;
+                            }
+                        }
                         continue;
                     }
-                    let at = || format!("L2 table at {l2_off:#x} entry {i}");
+                    let off = e & L1_OFFSET_MASK;
+                    if off == 0 {
+                        continue;
+                    }
                     if !off.is_multiple_of(cs) {
                         note(format!("{}: data cluster {off:#x} is not aligned", at()));
                         continue;
@@ -390,7 +423,11 @@ impl Layout {
                         let shared_badly = copied || refcount < 2;
                         if refcount == 0 {
                             note(format!("{}: data cluster {off:#x} has refcount 0", at()));
-                        } else if meta.get(c) && shared_badly {
+                        } else if meta.get(c) {
+                            // Never sound, whatever the refcount says: `qemu-img
+                            // check -r all` leaves such a cluster shared (refcount
+                            // 2, copy on write), and a later discard or COW frees
+                            // the metadata cluster while it is in use.
                             let r = regions
                                 .iter()
                                 .find(|r| r.start < off + cs && r.end > off)

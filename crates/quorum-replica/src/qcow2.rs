@@ -281,7 +281,8 @@ pub(crate) fn corruption_message(path: &Path, layout: &Layout) -> Option<String>
     let p = path.display();
     Some(format!(
         "replica {p} is a corrupt qcow2 image ({}); quorum refuses writes to it; \
-         `qemu-img check -r all {p}` repairs it",
+         `qemu-img check -r all {p}` repairs it (a guest cluster mapped onto metadata \
+         stays so: copy the image with `qemu-img convert -O qcow2` instead)",
         layout.corruption.join("; ")
     ))
 }

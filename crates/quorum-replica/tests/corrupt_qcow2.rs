@@ -184,12 +184,50 @@ fn write_onto_an_l2_table_is_refused_like_qemu_and_the_image_stays_openable() {
     drop(r);
     assert_eq!(peek(&path, L2, CLUSTER as usize), l2_before);
 
-    // The image still opens (imago and QEMU) and qemu-img can repair it.
+    // The image still opens. `qemu-img check -r all` only makes the
+    // cluster shared (refcount 2), which QEMU then accepts; quorum still
+    // refuses writes (a discard would free the L2 table in use), and
+    // `qemu-img convert` gives an image it takes.
     drop(open_rw(&path).unwrap());
     run_ok("qemu-img", &["check", "-r", "all", p(&path)]);
     let r = open_rw(&path).unwrap();
+    assert_eio(
+        r.write_at(&[0xab; 4096], 0, true),
+        &["overlaps the active L2 table", "qemu-img convert"],
+    );
+    drop(r);
+    let copy = path_in(&dir, "b2.qcow2");
+    run_ok("qemu-img", &["convert", "-O", "qcow2", p(&path), p(&copy)]);
+    let r = open_rw(&copy).unwrap();
     r.write_at(&[0xab; 4096], 0, true).unwrap();
     assert_eq!(read(&*r, 0, 4096), vec![0xab; 4096]);
+}
+
+#[test]
+fn compressed_cluster_beyond_eof_is_corruption() {
+    let dir = TempDir::new().unwrap();
+    let path = path_in(&dir, "z.qcow2");
+    qemu_image(&path, "qcow2", &[], "64M", &["write -c -P 0x11 0 64k"]);
+    let e = be64(&path, L2);
+    assert_eq!(e >> 62, 1, "not compressed: {e:#x}");
+    // Same size, host offset 64 GiB (offset bits 0..54 for 64 KiB clusters).
+    let bent = (e & !((1u64 << 54) - 1)) | (1 << 36);
+    poke(&path, L2, &bent.to_be_bytes());
+    let before = std::fs::read(&path).unwrap();
+
+    let (code, text) = qemu_img_check(&path);
+    assert_eq!(code, Some(2), "{text}");
+
+    let r = open_rw(&path).unwrap();
+    assert_eio(
+        r.write_at(&[0x22; 4096], 0, false),
+        &[
+            p(&path),
+            "compressed data at 0x1000000000 lies beyond the end of the file",
+        ],
+    );
+    drop(r);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
 #[test]
