@@ -10,8 +10,12 @@
 //!   refcount table and blocks, L2 tables, snapshot table and the snapshots'
 //!   L1 tables), and the corruption `qemu-img check` reports about it:
 //!   tables beyond the end of the file, tables overlapping each other or the
-//!   header. QEMU opens such images; so do we, but the replica refuses
-//!   writes (see `Qcow2Replica`), and `validate --probe` reports it.
+//!   header, metadata clusters with refcount 0, and active data clusters
+//!   that lie beyond the file, on metadata, have refcount 0, or are shared
+//!   without a refcount saying so (one pass over the active L2 tables).
+//!   QEMU opens such images; so do we, but the replica refuses writes (see
+//!   `Qcow2Replica`; imago then opens it read-only), and `validate --probe`
+//!   reports it.
 //!
 //! [`Layout::overlap`] is the write-time check: a guest write that would
 //! land on a host range holding metadata is refused, as QEMU's metadata
@@ -238,7 +242,11 @@ fn read_table(file: &File, offset: u64, entries: u64) -> io::Result<Vec<u64>> {
 impl Layout {
     /// Read the metadata layout of the image in `file` (`file_len` bytes
     /// long), whose header passed [`validate_header`].
-    pub(crate) fn read(file: &File, file_len: u64, t: &Tables) -> io::Result<Layout> {
+    ///
+    /// With `counts`, also check the refcounts of the metadata clusters and
+    /// scan the active L2 tables' data clusters (what `open` does); without,
+    /// only the tables' places (cheap enough to redo after allocating writes).
+    pub(crate) fn read(file: &File, file_len: u64, t: &Tables, counts: bool) -> io::Result<Layout> {
         let cs = 1u64 << t.cluster_bits;
         let mut regions = vec![Region {
             start: 0,
@@ -329,7 +337,7 @@ impl Layout {
         // Every metadata cluster must be counted as used: an allocator that
         // thinks it free would hand it out (a missing refcount block is even
         // placed over the first cluster it covers, e.g. the header).
-        if in_file(t.refcount_table_offset) {
+        if counts && in_file(t.refcount_table_offset) {
             let reftable = read_table(file, t.refcount_table_offset, reftable_entries)?;
             let mut refcounts = Refcounts::new(file, t, &reftable);
             // Host clusters in use so far (metadata, then active data).

@@ -268,7 +268,7 @@ pub(crate) fn inspect_qcow2(
 ) -> Result<(Qcow2Header, Layout), OpenError> {
     let header = check_qcow2_header(path, file)?;
     let len = file_size(file).map_err(|e| OpenError::io(path, "get size", e))?;
-    let layout = Layout::read(file, len, &header.tables)
+    let layout = Layout::read(file, len, &header.tables, true)
         .map_err(|e| OpenError::io(path, "read qcow2 metadata", e))?;
     Ok((header, layout))
 }
@@ -484,7 +484,7 @@ impl Qcow2Replica {
         }
         let read = Qcow2Header::read(&self.meta).and_then(|h| {
             let len = file_size(&self.meta)?;
-            Layout::read(&self.meta, len, &h.tables)
+            Layout::read(&self.meta, len, &h.tables, false)
         });
         match read {
             Ok(layout) => {
