@@ -7,7 +7,8 @@ mod support;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use support::{
     Daemon, Disk, Format, Options, TIMEOUT, create_image, qemu_io, quorum, require, run_timeout,
@@ -20,18 +21,62 @@ fn poke(path: &Path, off: u64, bytes: &[u8]) {
     f.write_all_at(bytes, off).unwrap();
 }
 
-/// `quorum serve` on `disk`, expected to refuse to start: its output.
-fn serve_refused(disk: &Disk) -> support::Output {
-    let out = run_timeout(
-        Command::new(env!("CARGO_BIN_EXE_quorum"))
-            .arg("serve")
-            .arg(&disk.xml)
-            .arg("--socket")
-            .arg(disk.file("nbd.sock")),
-        TIMEOUT,
-    );
-    assert_ne!(out.code, Some(0), "{out}");
-    out
+/// A `quorum serve` child, killed by PID if a test fails before it is stopped.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `quorum serve` on `disk`, where one replica is unusable: it either
+/// refuses to start (every replica required) or starts without that replica
+/// (degraded start). Either way its stderr must say which replica and why;
+/// returns that stderr once it contains every one of `needles` or serve
+/// exited (bounded: 20 s).
+fn serve_reports(disk: &Disk, needles: &[&str]) -> String {
+    let log = disk.file("serve-refused.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_quorum"))
+        .arg("serve")
+        .arg(&disk.xml)
+        .arg("--socket")
+        .arg(disk.file("nbd.sock"))
+        .env("QUORUM_STATE_DIR", disk.file("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start quorum serve");
+    let mut serve = Serve(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            break Some(status);
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if needles.iter().all(|n| text.contains(n)) || Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if exited.is_none() {
+        // Started degraded: stop it (SIGTERM, bounded wait, then SIGKILL).
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(serve.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while serve.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(serve);
+    if let Some(status) = exited {
+        assert!(!status.success(), "serve exited 0");
+    }
+    std::fs::read_to_string(&log).unwrap()
 }
 
 #[test]
@@ -41,19 +86,16 @@ fn a_qcow2_file_declared_raw_is_a_format_mismatch_for_serve_check_and_probe() {
     create_image(disk.path(1), Format::Qcow2, MIB, None);
     let name = disk.path(1).to_str().unwrap();
 
+    let mismatch = "the XML says format raw, but the file is qcow2";
     let check = quorum(["check", disk.xml.to_str().unwrap()]);
-    let serve = serve_refused(&disk);
-    for out in [&check, &serve] {
-        assert_ne!(out.code, Some(0), "{out}");
-        assert!(
-            out.stderr.contains(name)
-                && out
-                    .stderr
-                    .contains("the XML says format raw, but the file is qcow2"),
-            "{out}"
-        );
-        assert!(!out.stderr.contains("size"), "{out}");
-    }
+    assert!(
+        check.stderr.contains(name) && check.stderr.contains(mismatch),
+        "{check}"
+    );
+    assert!(!check.stderr.contains("size"), "{check}");
+    let serve = serve_reports(&disk, &[name, mismatch]);
+    assert!(serve.contains(name) && serve.contains(mismatch), "{serve}");
+    assert!(!serve.contains("size"), "{serve}");
     let probe = quorum(["validate", "--probe", disk.xml.to_str().unwrap()]);
     assert_eq!(probe.code, Some(1), "{probe}");
     assert!(probe.stderr.contains("replica 1:"), "{probe}");
@@ -116,13 +158,15 @@ fn validate_probe_refuses_the_qcow2_headers_serve_and_check_refuse() {
             "{what}: {probe}"
         );
         let check = quorum(["check", disk.xml.to_str().unwrap()]);
-        let serve = serve_refused(&disk);
-        for out in [&check, &serve] {
-            assert!(
-                out.stderr.contains(name) && out.stderr.contains(ours),
-                "{what}: {out}"
-            );
-        }
+        assert!(
+            check.stderr.contains(name) && check.stderr.contains(ours),
+            "{what}: {check}"
+        );
+        let serve = serve_reports(&disk, &[name, ours]);
+        assert!(
+            serve.contains(name) && serve.contains(ours),
+            "{what}: {serve}"
+        );
     }
 }
 
