@@ -39,6 +39,11 @@ impl Drop for Serve {
 /// returns that stderr once it contains every one of `needles` or serve
 /// exited (bounded: 20 s).
 fn serve_reports(disk: &Disk, needles: &[&str]) -> String {
+    serve_outcome(disk, needles).1
+}
+
+/// As [`serve_reports`], also saying whether serve exited by itself.
+fn serve_outcome(disk: &Disk, needles: &[&str]) -> (bool, String) {
     let log = disk.file("serve-refused.log");
     let child = Command::new(env!("CARGO_BIN_EXE_quorum"))
         .arg("serve")
@@ -76,7 +81,43 @@ fn serve_reports(disk: &Disk, needles: &[&str]) -> String {
     if let Some(status) = exited {
         assert!(!status.success(), "serve exited 0");
     }
-    std::fs::read_to_string(&log).unwrap()
+    (exited.is_some(), std::fs::read_to_string(&log).unwrap())
+}
+
+#[test]
+fn a_single_replica_disk_with_an_empty_l1_table_is_refused_like_qemu() {
+    // Served as all zeros before; qemu-io refuses to open the image.
+    let opts = Options {
+        threshold: 1,
+        ..Options::default()
+    };
+    let disk = Disk::new(&[Format::Qcow2], MIB, &opts);
+    let out = run_timeout(
+        Command::new(require("qemu-io"))
+            .args(["-f", "qcow2", "-c", "write -P 0x11 0 64k"])
+            .arg(disk.path(0)),
+        TIMEOUT,
+    );
+    assert!(out.ok(), "{out}");
+    poke(disk.path(0), 36, &0u32.to_be_bytes());
+    let name = disk.path(0).to_str().unwrap();
+
+    let qemu = run_timeout(
+        Command::new(require("qemu-io"))
+            .args(["-f", "qcow2", "-c", "read 0 4k"])
+            .arg(disk.path(0)),
+        TIMEOUT,
+    );
+    assert!(
+        !qemu.ok() && qemu.stderr.contains("L1 table is too small"),
+        "{qemu}"
+    );
+    let (exited, log) = serve_outcome(&disk, &[name, "L1 table is too small"]);
+    assert!(exited, "serve must refuse to start: {log}");
+    assert!(
+        log.contains(name) && log.contains("L1 table is too small"),
+        "{log}"
+    );
 }
 
 #[test]
