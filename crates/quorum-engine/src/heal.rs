@@ -61,6 +61,8 @@ pub(crate) struct Heal {
     rate: u64,
     /// Bytes the resync copied so far (all replicas).
     copied: AtomicU64,
+    /// Bytes the resync copied to each replica since its last completion.
+    copied_to: Vec<AtomicU64>,
     /// Bytes rewritten while settling regions.
     reconciled: AtomicU64,
     /// False on a read-only disk: the record is read, never written, and
@@ -113,6 +115,7 @@ impl Heal {
             unsettled_left: AtomicU64::new(dirty.len() as u64),
             rate,
             copied: AtomicU64::new(0),
+            copied_to: (0..h.replicas.len()).map(|_| AtomicU64::new(0)).collect(),
             reconciled: AtomicU64::new(0),
             active,
             record,
@@ -301,18 +304,24 @@ impl Members {
         h.missed_mask(self.slots.len(), offset, len) & lagging
     }
 
-    /// Record that the replicas in `missed` missed `[offset, offset + len)`
-    /// (durably); in-sync ones become stale.
-    fn record_missed(&self, missed: Mask, offset: u64, len: u64) {
+    /// Record (durably, one sync) that for each `(mask, offset, len)` the
+    /// replicas in `mask` missed that range; in-sync ones become stale.
+    fn record_missed(&self, ranges: &[(Mask, u64, u64)]) {
         let h = self.heal();
-        let chunks = h.chunks(offset, len);
-        for i in (0..self.slots.len()).filter(|i| missed & (1 << i) != 0) {
-            h.record.mark_missed(i, chunks.clone());
+        let mut all: Mask = 0;
+        for &(mask, offset, len) in ranges {
+            for i in (0..self.slots.len()).filter(|i| mask & (1 << i) != 0) {
+                h.record.mark_missed(i, h.chunks(offset, len));
+            }
+            all |= mask;
+        }
+        if all == 0 {
+            return;
         }
         if let Err(e) = h.record.sync() {
             tracing::error!(error = %e, "cannot record missed chunks");
         }
-        for i in (0..self.slots.len()).filter(|i| missed & (1 << i) != 0) {
+        for i in (0..self.slots.len()).filter(|i| all & (1 << i) != 0) {
             self.note_missed(i);
         }
     }
@@ -333,12 +342,15 @@ impl Members {
         let down: Mask = (0..n)
             .filter(|&i| !self.slots[i].is_up())
             .fold(0, |m, i| m | 1 << i);
-        let mut missed: Mask = 0;
+        // What each replica missed here, per piece (a replica that is down
+        // misses the whole region).
+        let mut missed: Vec<(Mask, u64, u64)> = vec![(down, start, len)];
         let mut written: Mask = 0;
         let mut complete = true;
         let mut at = start;
         while at < start + len {
             let piece = h.chunk.min(start + len - at);
+            let mut piece_missed: Mask = 0;
             let eligible: Vec<usize> = (0..n)
                 .filter(|&i| down & (1 << i) == 0 && !h.record.missed_any(i, h.chunks(at, piece)))
                 .collect();
@@ -351,7 +363,7 @@ impl Members {
                         if is_unreachable(&e) {
                             self.fail(i, &e);
                         }
-                        missed |= 1 << i;
+                        piece_missed |= 1 << i;
                     }
                 }
             }
@@ -386,22 +398,22 @@ impl Members {
                                     written |= 1 << j;
                                     h.reconciled.fetch_add(b.len as u64, Ordering::Relaxed);
                                 }
-                                Err(_) => missed |= 1 << j,
+                                Err(_) => piece_missed |= 1 << j,
                             }
                         }
                     }
                 }
             }
+            missed.push((piece_missed, at, piece));
             at += piece;
         }
+        // A replica whose flush failed may have lost any of it.
         for j in (0..n).filter(|j| written & (1 << j) != 0) {
             if self.slots[j].replica().flush().is_err() {
-                missed |= 1 << j;
+                missed.push((1 << j, start, len));
             }
         }
-        if missed | down != 0 {
-            self.record_missed(missed | down, start, len);
-        }
+        self.record_missed(&missed);
         if complete {
             h.record.clear_unknown(r);
             h.record.clear_dirty(r);
@@ -424,8 +436,14 @@ impl Members {
             }
             if h.record.missed_count(i) == 0 {
                 if s.transition(st, ReplicaState::InSync) {
+                    let bytes = h.copied_to[i].swap(0, Ordering::AcqRel);
                     self.announce(i, st, ReplicaState::InSync, "resync completed".into());
-                    tracing::info!(replica = %s.name, "resync of {} completed", s.name);
+                    tracing::info!(
+                        replica = %s.name,
+                        copied_bytes = bytes,
+                        "resync of {} completed: {bytes} bytes copied",
+                        s.name
+                    );
                 }
             } else if pick.is_none() {
                 pick = Some(i);
@@ -537,6 +555,7 @@ impl Members {
                     tracing::error!(error = %e, "cannot record resync progress");
                 }
                 h.copied.fetch_add(bytes, Ordering::Relaxed);
+                h.copied_to[i].fetch_add(bytes, Ordering::Relaxed);
                 bytes
             }
             Err(e) => {
