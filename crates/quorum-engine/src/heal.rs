@@ -607,6 +607,10 @@ impl Members {
             return;
         };
         let clean = self.clean_dirty();
+        // Whatever else changed (regions compared, chunks resynced) too.
+        if let Err(e) = h.record.sync() {
+            tracing::error!(error = %e, "cannot write the record at close");
+        }
         let states: Vec<u8> = self.slots.iter().map(|s| s.state() as u8).collect();
         let res = h.record.write_header(|hd| {
             hd.clean = clean;
@@ -689,7 +693,7 @@ impl Members {
                 self.clean_dirty();
                 last_clean = Instant::now();
             }
-            if !busy && self.wait(Duration::from_millis(500)) {
+            if !busy && self.wait_for_work(Duration::from_millis(500)) {
                 return;
             }
         }

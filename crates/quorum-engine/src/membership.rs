@@ -324,8 +324,19 @@ impl Members {
         }
     }
 
-    /// Wait `d` unless the disk closes first; true when closed.
+    /// Wait the whole of `d` unless the disk closes first (new work does
+    /// not cut it short: retry back-off and resync throttling rely on
+    /// it); true when closed.
     pub(crate) fn wait(&self, d: Duration) -> bool {
+        let deadline = std::time::Instant::now() + d;
+        let mut closed = self.closed.lock();
+        while !*closed && !self.wake.wait_until(&mut closed, deadline).timed_out() {}
+        *closed
+    }
+
+    /// Wait at most `d`, or until new work is announced ([`Members::poke`])
+    /// or the disk closes; true when closed.
+    pub(crate) fn wait_for_work(&self, d: Duration) -> bool {
         let mut closed = self.closed.lock();
         if !*closed {
             self.wake.wait_for(&mut closed, d);

@@ -111,9 +111,13 @@ fn four_replicas_two_that_missed_a_write_never_outvote_the_new_data() {
     set.plans[3].fail(Op::Write, 0..SIZE, libc::EIO);
     let d = set.open(2);
     d.write(1 << 20, &[NEW; 4096], false).unwrap();
+    // Stale, or resyncing (the healer tries, and fails on every write).
+    let lagging = d.replica_states()[2..]
+        .iter()
+        .all(|s| matches!(s, ReplicaState::Stale | ReplicaState::Resyncing));
     assert_eq!(
-        (read(&d, 1 << 20, 4096), d.replica_states()[2..].to_vec()),
-        (vec![NEW; 4096], vec![ReplicaState::Stale; 2])
+        (read(&d, 1 << 20, 4096) == [NEW; 4096], lagging),
+        (true, true)
     );
 }
 
@@ -133,10 +137,10 @@ fn replica_that_missed_a_write_is_resynced_and_then_outvotes_a_corruption() {
         (
             synced,
             stats.resync_bytes,
-            set.mems[2].contents()[1 << 20..(1 << 20) + 4096].to_vec(),
-            read(&d, 1 << 20, 4096)
+            set.mems[2].contents()[1 << 20..(1 << 20) + 4096] == [NEW; 4096],
+            read(&d, 1 << 20, 4096) == [NEW; 4096]
         ),
-        (true, CHUNK, vec![NEW; 4096], vec![NEW; 4096])
+        (true, CHUNK, true, true)
     );
 }
 
