@@ -213,7 +213,7 @@ fn replica_whose_writes_fail_for_a_while_is_marked_then_resynced() {
         std::fs::read_to_string(disk.file("serve.log")).unwrap()
     );
     assert!(
-        copied >= 10 * 64 * 1024 && copied <= 20 * CHUNK,
+        (10 * 64 * 1024..=20 * CHUNK).contains(&copied),
         "copied {copied}"
     );
     assert!(
@@ -221,6 +221,9 @@ fn replica_whose_writes_fail_for_a_while_is_marked_then_resynced() {
         "the replica differs after the resync"
     );
 }
+
+/// A way to damage a record file.
+type Damage = Box<dyn Fn(&Path)>;
 
 /// Serve, write, stop cleanly; then damage the record with `damage`, serve
 /// again and read: the data is all there, and the log says why every
@@ -244,7 +247,7 @@ fn with_damaged_record(damage: impl Fn(&Path)) -> (String, support::Output) {
 
 #[test]
 fn missing_truncated_or_corrupt_record_means_a_full_comparison_and_no_loss() {
-    let cases: [(&str, Box<dyn Fn(&Path)>); 3] = [
+    let cases: [(&str, Damage); 3] = [
         (
             "it does not exist",
             Box::new(|p| std::fs::remove_file(p).unwrap()),
