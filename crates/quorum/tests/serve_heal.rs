@@ -282,3 +282,109 @@ fn missing_truncated_or_corrupt_record_means_a_full_comparison_and_no_loss() {
         );
     }
 }
+
+#[test]
+fn four_replicas_two_down_during_a_write_never_return_the_old_data() {
+    // Replicas 2 and 3 behind nbdkit; both killed, a write, both back: the
+    // tie-break would pick the old copies (highest indices) if they voted.
+    let disk = Disk::new(&[Format::Raw; 2], SIZE, &Options::default());
+    let mut kits = Vec::new();
+    let mut xml = disk.xml_text(&Options::default());
+    for k in 0..2 {
+        let file = disk.file(&format!("remote{k}.raw"));
+        create_image(&file, Format::Raw, SIZE, None);
+        let sub = disk.dir.path().join(format!("kit{k}"));
+        std::fs::create_dir(&sub).unwrap();
+        let kit = Nbdkit::start(&sub, &file, &[]);
+        let nbd = format!(
+            "  <backingStore type='network'>\n    <format type='raw'/>\n    <source protocol='nbd'>\n      <host transport='unix' socket='{}'/>\n    </source>\n  </backingStore>\n",
+            kit.socket.display()
+        );
+        xml = xml.replace("  <target ", &format!("{nbd}  <target "));
+        kits.push(kit);
+    }
+    std::fs::write(&disk.xml, xml).unwrap();
+    let state = disk.file("vda.state");
+    let d = start(&disk, &state_args(&state));
+    for k in &mut kits {
+        k.kill9();
+    }
+    let w = qemu_io(&d.uri, &["write -P 0x66 2M 64k"]);
+    for k in &mut kits {
+        k.spawn();
+    }
+    // Read at once, while they may still be stale, and after the resync.
+    let early = qemu_io(&d.uri, &["read -P 0x66 2M 64k"]);
+    resync_completed(&d, "replica-2");
+    resync_completed(&d, "replica-3");
+    let late = qemu_io(&d.uri, &["read -P 0x66 2M 64k"]);
+    assert!(w.ok() && !w.text().contains("fail"), "{w}");
+    for out in [early, late] {
+        assert!(out.ok() && !out.text().contains("fail"), "{out}");
+    }
+}
+
+#[test]
+fn restart_during_a_resync_resumes_and_finishes() {
+    let (disk, mut kit, state) = setup(&[]);
+    // 1 MiB/s: the 4 MiB the replica misses take seconds to copy.
+    let mut args = state_args(&state);
+    args.extend(["--resync-rate".into(), "1M".into()]);
+    let d = start(&disk, &args);
+    kit.kill9();
+    let out = qemu_io(&d.uri, &["write -P 0x77 0 4M"]);
+    assert!(out.ok() && !out.text().contains("fail"), "{out}");
+    kit.spawn();
+    wait_for("the resync to start", || {
+        d.log_text().contains("replica replica-2 is resyncing")
+    });
+    assert_eq!(d.stop(), Some(0));
+    let left = quorum([
+        "status".as_ref(),
+        disk.xml.as_os_str(),
+        "--state".as_ref(),
+        state.as_os_str(),
+        "--json".as_ref(),
+    ]);
+
+    let d = start(&disk, &state_args(&state));
+    let copied = resync_completed(&d, "replica-2");
+    assert_eq!(d.stop(), Some(0));
+    assert!(
+        copied > 0 && copied < 4 * MIB,
+        "copied {copied} after the restart\n{left}"
+    );
+    assert!(
+        identical(&kit.file, disk.path(0)),
+        "the replica differs after the resync"
+    );
+}
+
+#[test]
+fn replica_recreated_empty_is_rebuilt_in_full_as_new() {
+    let disk = Disk::new(&[Format::Raw; 3], SIZE, &Options::default());
+    let state = disk.file("vda.state");
+    let d = start(&disk, &state_args(&state));
+    let out = qemu_io(&d.uri, &["write -P 0x12 0 1M", "write -P 0x34 8M 1M"]);
+    assert!(out.ok() && !out.text().contains("fail"), "{out}");
+    assert_eq!(d.stop(), Some(0));
+    // The replica is lost and made again, empty, with `quorum create`.
+    std::fs::remove_file(disk.path(1)).unwrap();
+    let made = quorum(["create".as_ref(), disk.xml.as_os_str()]);
+    assert!(made.ok(), "{made}");
+
+    let d = start(&disk, &state_args(&state));
+    let new = d.log_text().contains("replica replica-1 is new");
+    let copied = resync_completed(&d, "replica-1");
+    assert_eq!(d.stop(), Some(0));
+    assert!(
+        new,
+        "{}",
+        std::fs::read_to_string(disk.file("serve.log")).unwrap()
+    );
+    assert_eq!(copied, SIZE);
+    assert!(
+        identical(disk.path(1), disk.path(0)),
+        "the rebuilt replica differs"
+    );
+}
