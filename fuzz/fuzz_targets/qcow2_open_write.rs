@@ -58,6 +58,7 @@ const OPTS: OpenOptions = OpenOptions {
     read_only: false,
     direct: false,
     no_locking: true,
+    nbd_timeout: None,
 };
 
 #[derive(Debug, Clone, Copy)]
