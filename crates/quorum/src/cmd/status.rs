@@ -228,10 +228,10 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
             }
         }
         Err(why) => {
-            let status = match why {
-                Distrust::Missing => "missing",
-                Distrust::Corrupt(_) => "corrupt",
-                Distrust::Mismatch(_) => "mismatch",
+            let (status, problem) = match why {
+                Distrust::Missing => ("missing", why.to_string()),
+                Distrust::Corrupt(w) => ("corrupt", w),
+                Distrust::Mismatch(_) => ("mismatch", why.to_string()),
             };
             Status {
                 source: Source::Record,
@@ -239,7 +239,7 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
                 record: RecordInfo {
                     path: path.to_owned(),
                     status,
-                    problem: Some(why.to_string()),
+                    problem: Some(problem),
                     next_start: "start a new record and compare every region of the replicas by majority (full comparison) while serving".to_owned(),
                     in_use: false,
                     clean_shutdown: None,
