@@ -272,3 +272,30 @@ fn no_record_says_missing_and_what_the_next_start_does() {
     assert!(out.stdout.contains("missing: it does not exist"), "{out}");
     assert!(out.stdout.contains("full comparison"), "{out}");
 }
+
+#[test]
+fn corrupt_record_says_corrupt_and_what_the_next_start_does() {
+    let disk = disk();
+    first_run(&disk);
+    let path = status_json(&disk, 0)["record"]["path"]
+        .as_str()
+        .expect("record path")
+        .to_owned();
+    // Both header slots overwritten: neither is valid.
+    std::fs::write(&path, vec![0xa5u8; 8192]).expect("overwrite the record");
+    let s = status_json(&disk, 1);
+    assert_eq!(s["record"]["status"], "corrupt", "{s:#}");
+    assert!(
+        s["record"]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("bad magic")),
+        "{s:#}"
+    );
+    assert!(
+        s["record"]["next_start"]
+            .as_str()
+            .is_some_and(|t| t.contains("full comparison")),
+        "{s:#}"
+    );
+    assert_eq!(s["record"]["clean_shutdown"], Value::Null, "{s:#}");
+}
