@@ -73,6 +73,8 @@ enum Command {
     Check(cmd::check::Args),
     /// Create the replica images that are missing.
     Create(cmd::create::Args),
+    /// Show replica states, missed writes and write intent from the disk's record.
+    Status(cmd::status::Args),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
+        Command::Status(a) => cmd::status::run(a),
     };
     let code = match result {
         Ok(code) => code,
