@@ -59,7 +59,7 @@ fn first_run(disk: &Disk) {
 /// `Record::sync`, so the file keeps every region dirty under `clean = 1`
 /// and each later start compares the whole disk again.
 #[test]
-#[ignore = "engine bug (reported to the lead): cleared dirty bits not written when the last run only compared"]
+
 fn first_start_without_writes_leaves_no_dirty_region() {
     let disk = disk();
     let d = Daemon::start(&disk, &[]);
@@ -217,7 +217,7 @@ fn daemon_killed_during_writes_leaves_unclean_record_with_dirty_regions() {
 /// survives the crash (`status` still reports not clean, from the dirty
 /// regions).
 #[test]
-#[ignore = "engine bug (reported to the lead): the clean flag is not cleared while a daemon runs"]
+
 fn clean_flag_is_off_after_kill_9() {
     let disk = disk();
     first_run(&disk);
