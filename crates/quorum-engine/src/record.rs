@@ -615,6 +615,32 @@ impl Record {
     }
 }
 
+/// Record that the replicas at `indices` were made anew (empty, beside
+/// replicas that hold data): every chunk is missed on them and their state
+/// is new, so they never vote before they are rebuilt. Opens (or starts)
+/// the record at `path` with its lock, for a disk of `size` bytes.
+pub fn mark_new(
+    path: &Path,
+    size: u64,
+    region: u64,
+    chunk: u64,
+    replicas: usize,
+    indices: &[usize],
+) -> Result<(), RecordError> {
+    let o = Record::open(path, size, region, chunk, replicas)?;
+    for &i in indices {
+        o.record.mark_all_missed(i);
+    }
+    o.record.sync()?;
+    o.record.write_header(|h| {
+        for &i in indices {
+            h.replicas[i].state = crate::ReplicaState::New as u8;
+            // Whatever file the record knew there is gone.
+            h.replicas[i].identity = 0;
+        }
+    })
+}
+
 /// What [`inspect`] finds in a record, read without taking its lock (a
 /// running daemon holds it): a snapshot, for `quorum status`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -70,6 +70,7 @@ impl Set {
             Some(Tracking {
                 record: o.record,
                 resync_rate: 0,
+                rebuild: Vec::new(),
             }),
         )
         .unwrap()
