@@ -59,6 +59,7 @@ const OPTS: OpenOptions = OpenOptions {
     direct: false,
     no_locking: true,
     nbd_timeout: None,
+    refuse_corrupt: false,
 };
 
 #[derive(Debug, Clone, Copy)]

@@ -528,7 +528,11 @@ impl Members {
         while budget > 0 {
             // A run of adjacent missed chunks.
             let mut end = c + 1;
-            while end - c < RUN_CHUNKS.min(budget) && h.record.missed_any(i, end..end + 1) {
+            let chunks = h.record.chunks();
+            while end < chunks
+                && end - c < RUN_CHUNKS.min(budget)
+                && h.record.missed_any(i, end..end + 1)
+            {
                 end += 1;
             }
             budget -= end - c;

@@ -125,6 +125,9 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
         read_only: options.read_only,
         no_locking: opts.no_locking,
         nbd_timeout: opts.replica_timeout,
+        // A corrupt qcow2 replica is refused (the disk starts without it)
+        // rather than opened to refuse writes: it would miss every write.
+        refuse_corrupt: !options.read_only,
         ..Default::default()
     };
     let opened: Vec<Result<Box<dyn quorum_replica::Replica>, quorum_replica::OpenError>> = cfg

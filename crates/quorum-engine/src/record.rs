@@ -155,12 +155,16 @@ impl Bitmap {
         self.pages() as u64 * PAGE as u64
     }
 
+    /// Bit `i`; false past the end.
     fn get(&self, i: u64) -> bool {
-        self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+        i < self.len && self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
-    /// Set or clear bit `i`; true if it changed.
+    /// Set or clear bit `i`; true if it changed. Nothing past the end.
     fn put(&mut self, i: u64, on: bool) -> bool {
+        if i >= self.len {
+            return false;
+        }
         let w = &mut self.bits[(i / 64) as usize];
         let m = 1u64 << (i % 64);
         if (*w & m != 0) == on {

@@ -32,6 +32,7 @@ fn three_raw() -> Replicas {
         direct: false,
         no_locking: false,
         nbd_timeout: None,
+        refuse_corrupt: false,
     };
     let replicas = paths
         .iter()

@@ -231,7 +231,8 @@ fn clean_close_leaves_no_dirty_region_and_reopens_in_sync() {
     let set = Set::new(3);
     let d = set.open(2);
     d.write(0, &[NEW; 65536], false).unwrap();
-    let dirty_while_open = d.heal_stats().unwrap().dirty_regions;
+    // Its region, and maybe the next one (marked ahead of a sequential stream).
+    let dirty_while_open = d.heal_stats().unwrap().dirty_regions >= 1;
     d.close();
     let i = quorum_engine::record::inspect(&set.dir.path().join("d.state")).unwrap();
     assert_eq!(
@@ -241,6 +242,6 @@ fn clean_close_leaves_no_dirty_region_and_reopens_in_sync() {
             i.header.clean,
             i.missed_chunks
         ),
-        (1, 0, true, vec![0, 0, 0])
+        (true, 0, true, vec![0, 0, 0])
     );
 }

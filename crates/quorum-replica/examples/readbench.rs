@@ -28,6 +28,7 @@ fn main() {
             direct: false,
             no_locking: false,
             nbd_timeout: None,
+            refuse_corrupt: false,
         },
     )
     .unwrap()

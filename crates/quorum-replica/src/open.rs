@@ -31,6 +31,11 @@ pub struct OpenOptions {
     /// Bound on connecting to, and waiting for, a remote (NBD) replica;
     /// `None` for [`crate::NBD_DEFAULT_TIMEOUT`].
     pub nbd_timeout: Option<std::time::Duration>,
+    /// Refuse a read-write open of a qcow2 image whose metadata is corrupt
+    /// (what `qemu-img check` calls corruption), as the engine does: the
+    /// disk then starts without it. Without, such an image opens and
+    /// refuses every write (for inspection).
+    pub refuse_corrupt: bool,
 }
 
 fn file_path(src: &StorageSource) -> Result<&Path, OpenError> {

@@ -115,6 +115,7 @@ pub(crate) fn parse_format(name: &str) -> Option<ImageFormat> {
 struct ChainOpener {
     direct: bool,
     no_locking: bool,
+    refuse_corrupt: bool,
     locks: Vec<fs::File>,
     /// The top layer's metadata layout (depth 0), when it is qcow2.
     top_layout: Option<Layout>,
@@ -190,10 +191,20 @@ impl ChainOpener {
         // Read the header through a buffered fd: the locked one may be O_DIRECT.
         let buffered = fs::File::open(path).map_err(|e| OpenError::io(path, "open", e))?;
         let (header, layout) = inspect_qcow2(path, &buffered)?;
-        // A corrupt image is opened read-only inside imago: the replica
-        // refuses writes anyway, and imago then writes nothing at all (not
-        // even the header, to clear autoclear bits).
+        // What `qemu-img check` calls corruption: with `refuse_corrupt` (the
+        // engine's writable opens) the open fails, and the disk starts
+        // without this replica. Otherwise it is opened read-only inside
+        // imago: the replica refuses writes, and imago writes nothing at all
+        // (not even the header, to clear autoclear bits).
         let write = if let Some(msg) = corruption_message(path, &layout) {
+            if write && self.refuse_corrupt {
+                // The error names the replica itself.
+                let prefix = format!("replica {} is ", path.display());
+                return Err(OpenError::Invalid {
+                    path: path.to_owned(),
+                    message: msg.strip_prefix(&prefix).unwrap_or(&msg).to_owned(),
+                });
+            }
             tracing::error!("{msg}");
             false
         } else {
@@ -374,6 +385,7 @@ impl Qcow2Replica {
             locks: Vec::new(),
             top_layout: None,
             top_writable: false,
+            refuse_corrupt: opts.refuse_corrupt,
         };
         let image = opener.open(src, !opts.read_only, 0)?;
         let layout = opener.top_layout.take().unwrap_or_default();

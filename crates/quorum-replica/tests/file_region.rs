@@ -19,6 +19,7 @@ fn opened(src: &StorageSource, direct: bool) -> Box<dyn Replica> {
         direct,
         no_locking: false,
         nbd_timeout: None,
+        refuse_corrupt: false,
     };
     open(src, &opts).unwrap()
 }

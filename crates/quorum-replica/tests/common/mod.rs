@@ -15,6 +15,7 @@ pub const RW: OpenOptions = OpenOptions {
     direct: false,
     no_locking: false,
     nbd_timeout: None,
+    refuse_corrupt: false,
 };
 
 /// A locked, buffered read-only open.
@@ -23,6 +24,7 @@ pub const RO: OpenOptions = OpenOptions {
     direct: false,
     no_locking: false,
     nbd_timeout: None,
+    refuse_corrupt: false,
 };
 
 /// A locked read-write open, with `O_DIRECT` if `direct`.
