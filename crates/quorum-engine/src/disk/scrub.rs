@@ -1,0 +1,145 @@
+//! Scrub: read and vote a range without events, and report the ranges
+//! where replicas disagree as [`Divergence`]s, rewriting the losers with
+//! `repair`.
+
+use quorum_vote::{BlockVote, Mask, Verdict};
+
+use super::read::assemble;
+use super::{Disk, IoError};
+use crate::pool::AlignedBuf;
+
+/// A divergent range found by [`Disk::scrub`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// Absolute offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Replicas that lost the vote (or all that read, when there is no quorum).
+    pub bad: Mask,
+    /// Replicas whose read failed.
+    pub failed: Mask,
+    /// The range has a majority (it can be repaired).
+    pub has_quorum: bool,
+    /// The losers were rewritten with the majority.
+    pub repaired: bool,
+}
+
+impl Disk {
+    /// Read and vote `[offset, offset + len)` without events, reporting the
+    /// ranges where replicas disagree; with `repair`, rewrite the losers.
+    /// A range without quorum is reported and never repaired.
+    pub fn scrub(&self, offset: u64, len: u64, repair: bool) -> Result<Vec<Divergence>, IoError> {
+        self.check_range("scrub", offset, len)?;
+        if repair {
+            self.check_writable("scrub", offset, len)?;
+        }
+        self.members.settle_range(offset, len);
+        let _guard = self.members.ranges.lock(offset, len, repair);
+        let mut buf = self.pool.get(len as usize);
+        let buf_slice = &mut buf[..len as usize];
+        let (voted, _errors) = self.read_and_vote(offset, buf_slice, self.opts.granularity);
+        let mut out = Vec::new();
+        match &voted.verdict {
+            Verdict::Agreed { blocks, failed } => {
+                self.settle_scrub(
+                    offset,
+                    buf_slice,
+                    &voted.extra,
+                    blocks,
+                    *failed,
+                    repair,
+                    &mut out,
+                );
+                if *failed != 0 && out.is_empty() {
+                    out.push(Divergence {
+                        offset,
+                        length: len,
+                        bad: 0,
+                        failed: *failed,
+                        has_quorum: true,
+                        repaired: false,
+                    });
+                }
+            }
+            Verdict::NoQuorum {
+                failed,
+                undecided,
+                decided,
+                ..
+            } => {
+                let all: Mask = (1 << self.slots().len()) - 1;
+                let ranges = if undecided.is_empty() {
+                    vec![(0, len as usize)]
+                } else {
+                    undecided.clone()
+                };
+                for (start, l) in ranges {
+                    out.push(Divergence {
+                        offset: offset + start as u64,
+                        length: l as u64,
+                        bad: all & !failed,
+                        failed: *failed,
+                        has_quorum: false,
+                        repaired: false,
+                    });
+                }
+                // Blocks that do have a majority are reported (and repaired)
+                // like those of an agreed range.
+                self.settle_scrub(
+                    offset,
+                    buf_slice,
+                    &voted.extra,
+                    decided,
+                    *failed,
+                    repair,
+                    &mut out,
+                );
+                out.sort_by_key(|d| d.offset);
+            }
+        }
+        for b in voted.extra {
+            self.pool.put(b);
+        }
+        self.pool.put(buf);
+        Ok(out)
+    }
+
+    /// Report the dissenting blocks of a scrubbed range that have a winner,
+    /// rewriting the losers first with `repair`. `buf` holds replica 0's
+    /// copy and `extra` the others'.
+    #[allow(clippy::too_many_arguments)]
+    fn settle_scrub(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        extra: &[AlignedBuf],
+        blocks: &[BlockVote],
+        failed: Mask,
+        repair: bool,
+        out: &mut Vec<Divergence>,
+    ) {
+        if blocks.iter().all(|b| b.dissent == 0) {
+            return;
+        }
+        assemble(buf, blocks, extra);
+        let rewrite_failed = if repair {
+            self.rewrite(offset, buf, blocks, None)
+        } else {
+            0
+        };
+        out.extend(
+            blocks
+                .iter()
+                .filter(|b| b.dissent != 0)
+                .map(|b| Divergence {
+                    offset: offset + b.start as u64,
+                    length: b.len as u64,
+                    bad: b.dissent,
+                    failed,
+                    has_quorum: true,
+                    repaired: repair && b.dissent & rewrite_failed == 0,
+                }),
+        );
+    }
+}
