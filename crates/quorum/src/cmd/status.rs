@@ -121,6 +121,8 @@ pub struct RecordInfo {
     /// The replicas are still to be compared in full (a record started
     /// afresh).
     pub full_comparison_pending: Option<bool>,
+    /// Regions not compared yet since the record was started afresh.
+    pub unknown_regions: Option<u64>,
     /// Bitmap pages that failed their checksum (counted as all set).
     pub bad_pages: usize,
 }
@@ -197,8 +199,11 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
                 .collect();
             let next_start = if i.in_use {
                 "the disk is in use by a running daemon (or check): this is a snapshot".to_owned()
-            } else if i.dirty_regions > 0 && h.compare_only {
-                "compare the remaining regions by majority, then serve".to_owned()
+            } else if i.unknown_regions > 0 {
+                format!(
+                    "serve, and compare the {} region(s) not compared yet by majority (each before its first use)",
+                    i.unknown_regions
+                )
             } else if i.dirty_regions > 0 {
                 "reconcile the dirty regions before they are read, then serve".to_owned()
             } else if i.missed_chunks.iter().any(|&c| c > 0) {
@@ -221,7 +226,8 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
                     dirty_bytes: Some(cap(i.dirty_regions, h.region)),
                     region_size: Some(h.region),
                     chunk_size: Some(h.chunk),
-                    full_comparison_pending: Some(h.compare_only),
+                    full_comparison_pending: Some(i.unknown_regions > 0),
+                    unknown_regions: Some(i.unknown_regions),
                     bad_pages: i.bad_pages,
                 },
                 replicas,
@@ -249,6 +255,7 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
                     region_size: None,
                     chunk_size: None,
                     full_comparison_pending: None,
+                    unknown_regions: None,
                     bad_pages: 0,
                 },
                 replicas: cfg
@@ -316,7 +323,13 @@ fn print_text(s: &Status) {
                 human_size(region)
             ),
         );
-        line("Full comparison pending", yes_no(compare).to_owned());
+        line(
+            "Full comparison pending",
+            match r.unknown_regions {
+                Some(n) if compare => format!("yes ({n} region(s) not compared yet)"),
+                _ => yes_no(compare).to_owned(),
+            },
+        );
         if r.bad_pages > 0 {
             line(
                 "Corrupt bitmap pages",
