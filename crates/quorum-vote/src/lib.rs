@@ -152,15 +152,7 @@ pub fn vote_read(
     let mut undecided: Vec<(usize, usize)> = Vec::new();
     let mut start = 0;
     while start < len {
-        let end = match granularity {
-            Granularity::Request => len,
-            Granularity::Block(bs) => {
-                let bs = u64::from(bs.max(1));
-                let abs = start_offset + start as u64;
-                let next = (abs / bs + 1) * bs;
-                len.min(start + (next - abs) as usize)
-            }
-        };
+        let end = block_end(start, len, start_offset, granularity);
         match vote_block(&ok, start, end, threshold) {
             Some((source, dissent)) => {
                 push_merged(&mut blocks, start, end - start, source, dissent)
@@ -184,14 +176,13 @@ pub fn vote_read(
     }
 }
 
-/// Vote one block: returns the winning source and the dissenting replicas.
-fn vote_block(
-    ok: &[(usize, &[u8])],
+/// Copies of `[start, end)` grouped by content, in order of first
+/// appearance: (first member, its block, members, count).
+fn groups<'a>(
+    ok: &[(usize, &'a [u8])],
     start: usize,
     end: usize,
-    threshold: usize,
-) -> Option<(usize, Mask)> {
-    // Groups in order of first appearance: (first member, its block, members, count).
+) -> Vec<(usize, &'a [u8], Mask, u32)> {
     let mut groups: Vec<(usize, &[u8], Mask, u32)> = Vec::with_capacity(ok.len());
     for &(i, d) in ok {
         let block = &d[start..end];
@@ -203,6 +194,31 @@ fn vote_block(
             None => groups.push((i, block, 1 << i, 1)),
         }
     }
+    groups
+}
+
+/// End (relative) of the block that starts at `start` in a request of
+/// `len` bytes at absolute `start_offset`: blocks align to absolute offsets.
+fn block_end(start: usize, len: usize, start_offset: u64, granularity: Granularity) -> usize {
+    match granularity {
+        Granularity::Request => len,
+        Granularity::Block(bs) => {
+            let bs = u64::from(bs.max(1));
+            let abs = start_offset + start as u64;
+            let next = (abs / bs + 1) * bs;
+            len.min(start + (next - abs) as usize)
+        }
+    }
+}
+
+/// Vote one block: returns the winning source and the dissenting replicas.
+fn vote_block(
+    ok: &[(usize, &[u8])],
+    start: usize,
+    end: usize,
+    threshold: usize,
+) -> Option<(usize, Mask)> {
+    let groups = groups(ok, start, end);
     let best = best_group(groups.iter().map(|g| (g.0, g.3)))?;
     let &(first, _, members, count) = groups.iter().find(|g| g.0 == best)?;
     if (count as usize) < threshold {
@@ -284,27 +300,8 @@ pub fn vote_reconcile(
     let mut blocks = Vec::new();
     let mut start = 0;
     while start < len {
-        let end = match granularity {
-            Granularity::Request => len,
-            Granularity::Block(bs) => {
-                let bs = u64::from(bs.max(1));
-                let abs = start_offset + start as u64;
-                let next = (abs / bs + 1) * bs;
-                len.min(start + (next - abs) as usize)
-            }
-        };
-        // Groups: (first member, block, members, count).
-        let mut groups: Vec<(usize, &[u8], Mask, u32)> = Vec::with_capacity(ok.len());
-        for &(i, d) in &ok {
-            let block = &d[start..end];
-            match groups.iter_mut().find(|g| g.1 == block) {
-                Some(g) => {
-                    g.2 |= 1 << i;
-                    g.3 += 1;
-                }
-                None => groups.push((i, block, 1 << i, 1)),
-            }
-        }
+        let end = block_end(start, len, start_offset, granularity);
+        let groups = groups(&ok, start, end);
         let best = groups
             .iter()
             .max_by_key(|g| (g.3, g.1.iter().any(|&b| b != 0), std::cmp::Reverse(g.0)))
