@@ -32,20 +32,6 @@ fn closed_pipe() -> Stdio {
     writer.into()
 }
 
-/// Wait (bounded) for `child` to exit.
-fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            return Some(st);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Send `sig` to `pid`.
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on the PID of a child we have not reaped yet.
@@ -107,7 +93,7 @@ impl Server {
     /// Send `sig` and wait up to 20 s for the exit; `None` if it did not exit.
     fn signal_and_wait(&mut self, sig: libc::c_int) -> Option<ExitStatus> {
         signal(self.pid(), sig);
-        let st = wait_exit(self.child.as_mut().unwrap(), Duration::from_secs(20));
+        let st = support::wait_bounded(self.child.as_mut().unwrap(), Duration::from_secs(20));
         if st.is_some() {
             self.child = None;
         }
@@ -236,7 +222,7 @@ fn quorum_into_closed_stdout(args: &[&std::ffi::OsStr]) -> (Option<i32>, Option<
         let _ = std::io::Read::read_to_string(&mut err, &mut s);
         s
     });
-    let st = wait_exit(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+    let st = support::wait_bounded(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
         let _ = child.kill();
         let _ = child.wait();
         panic!("quorum {args:?} did not finish within 60 s");

@@ -143,7 +143,7 @@ where
 }
 
 /// Poll `child` until it exits or `timeout` passes.
-fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(st) = child.try_wait().expect("try_wait") {
