@@ -496,7 +496,7 @@ impl Members {
     /// copied (0 when nothing could be). Adjacent missed chunks are copied
     /// as one run of up to [`RUN_CHUNKS`] chunks: one read per source, one
     /// vote, one write.
-    fn resync_batch(self: &Arc<Self>, i: usize, from: &mut u64) -> u64 {
+    fn resync_batch(self: &Arc<Self>, i: usize, from: &mut u64, max_chunks: u64) -> u64 {
         let h = self.heal();
         let slot = &self.slots[i];
         let st = slot.state();
@@ -524,7 +524,7 @@ impl Members {
         };
         let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); n];
         let mut data: Vec<u8> = Vec::new();
-        let mut budget = BATCH_CHUNKS;
+        let mut budget = max_chunks.max(1);
         while budget > 0 {
             // A run of adjacent missed chunks.
             let mut end = c + 1;
@@ -714,7 +714,7 @@ impl Members {
         let mut copied = 0;
         let mut from = vec![0u64; self.slots.len()];
         while let Some(i) = self.next_to_resync() {
-            let n = self.resync_batch(i, &mut from[i]);
+            let n = self.resync_batch(i, &mut from[i], BATCH_CHUNKS);
             if n == 0 && from[i] == 0 {
                 break;
             }
@@ -741,7 +741,13 @@ impl Members {
                 if progress.replica != Some(i) {
                     progress = Progress::starting(i);
                 }
-                let n = self.resync_batch(i, &mut from[i]);
+                // A throttled batch is a quarter second's worth at the rate.
+                let max = if h.rate == 0 {
+                    BATCH_CHUNKS
+                } else {
+                    (h.rate / 4 / h.chunk).clamp(1, BATCH_CHUNKS)
+                };
+                let n = self.resync_batch(i, &mut from[i], max);
                 busy = n > 0;
                 progress.add(&self, i, n);
                 if h.rate > 0 && n > 0 {

@@ -67,13 +67,22 @@ pub enum OpenError {
     },
 }
 
-/// What identifies a replica: device and inode of a file or block device
-/// (another file put at the same path differs), the URI of an export.
+/// What identifies a replica: device, inode and birth time of a file
+/// (another file put at the same path differs, even when it reuses the
+/// deleted one's inode number, as ext4 and tmpfs do), the device of a block
+/// device, the URI of an export.
 pub fn identity_of(src: &StorageSource) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let id = match &src.source {
         Source::File { path } => std::fs::metadata(path)
-            .map(|m| format!("file {}:{}", m.dev(), m.ino()))
+            .map(|m| {
+                let born = m
+                    .created()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("file {}:{}:{born}", m.dev(), m.ino())
+            })
             .ok(),
         Source::Block { dev } => std::fs::metadata(dev)
             .map(|m| format!("block {}", m.rdev()))

@@ -8,70 +8,14 @@ mod support;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Daemon, Disk, Format, Options, create_image, qemu_io, quorum, require};
+use support::nbdkit::{Nbdkit, with_replicas};
+use support::{Daemon, Disk, Format, Options, create_image, qemu_io, quorum};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 4 * MIB;
 const FILL: u8 = 0x5a;
-
-/// nbdkit serving a raw file on a unix socket, killed by PID on drop.
-struct Nbdkit {
-    child: Child,
-    socket: PathBuf,
-    /// nbdkit's `log` filter output (every request as it arrives).
-    log: PathBuf,
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Nbdkit {
-    /// `nbdkit --filter=log FILTERS file FILE ARGS`, ready when it returns.
-    fn start(dir: &Path, file: &Path, filters: &[&str], args: &[String]) -> Nbdkit {
-        let socket = dir.join("remote.sock");
-        let pid = dir.join("nbdkit.pid");
-        let log = dir.join("nbdkit.log");
-        let mut cmd = Command::new(require("nbdkit"));
-        cmd.args(["-f", "--exit-with-parent", "-U"])
-            .arg(&socket)
-            .arg("-P")
-            .arg(&pid)
-            .arg("--filter=log");
-        for f in filters {
-            cmd.arg(format!("--filter={f}"));
-        }
-        let child = cmd
-            .arg("file")
-            .arg(file)
-            .arg(format!("logfile={}", log.display()))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        let kit = Nbdkit { child, socket, log };
-        wait_for("nbdkit's pid file", || {
-            std::fs::metadata(&pid).is_ok_and(|m| m.len() > 0)
-        });
-        kit
-    }
-
-    /// Read requests that reached nbdkit so far.
-    fn reads(&self) -> usize {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("Read id=") && l.contains("offset="))
-            .count()
-    }
-}
 
 /// Poll `cond` every 20 ms for at most 20 s.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -89,13 +33,7 @@ fn with_remote(filters: &[&str], args: &[String]) -> (Disk, Nbdkit, PathBuf) {
     create_image(&remote, Format::Raw, SIZE, None);
     std::fs::write(&remote, vec![FILL; SIZE as usize]).expect("fill remote");
     let kit = Nbdkit::start(disk.dir.path(), &remote, filters, args);
-    let nbd = format!(
-        "  <backingStore type='network'>\n    <format type='raw'/>\n    <source protocol='nbd'>\n      <host transport='unix' socket='{}'/>\n    </source>\n  </backingStore>\n",
-        kit.socket.display()
-    );
-    let xml = disk
-        .xml_text(&Options::default())
-        .replace("  <target ", &format!("{nbd}  <target "));
+    let xml = with_replicas(&disk.xml_text(&Options::default()), &[&kit]);
     std::fs::write(&disk.xml, xml).expect("write xml");
     (disk, kit, remote)
 }

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod nbdkit;
+
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
