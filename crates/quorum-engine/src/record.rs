@@ -230,6 +230,10 @@ pub struct Record {
     inner: Mutex<Inner>,
     /// Serialises write-out + fdatasync (group commit).
     sync: Mutex<u64>,
+    /// The version the last sync made durable, readable without the lock:
+    /// a writer whose bits are already durable does not queue behind a
+    /// sync in progress.
+    synced: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -399,6 +403,7 @@ impl Record {
                 version: 1,
             }),
             sync: Mutex::new(0),
+            synced: std::sync::atomic::AtomicU64::new(0),
         };
         if distrust.is_some() {
             record.sync()?;
@@ -583,6 +588,9 @@ impl Record {
     /// another returns at once.
     pub fn sync(&self) -> Result<(), RecordError> {
         let want = self.inner.lock().version;
+        if self.synced.load(std::sync::atomic::Ordering::Acquire) >= want {
+            return Ok(());
+        }
         let mut synced = self.sync.lock();
         if *synced >= want {
             return Ok(());
@@ -615,6 +623,8 @@ impl Record {
             .sync_data()
             .map_err(|e| self.io("cannot sync", e))?;
         *synced = version;
+        self.synced
+            .store(version, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }
