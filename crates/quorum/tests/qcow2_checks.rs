@@ -62,8 +62,10 @@ fn serve_outcome(disk: &Disk, needles: &[&str]) -> (bool, String) {
         if let Some(status) = serve.0.try_wait().unwrap() {
             break Some(status);
         }
+        // Serving (degraded) once its socket accepts; a refusal never binds.
+        let serving = std::os::unix::net::UnixStream::connect(disk.file("nbd.sock")).is_ok();
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if needles.iter().all(|n| text.contains(n)) || Instant::now() >= deadline {
+        if (serving && needles.iter().all(|n| text.contains(n))) || Instant::now() >= deadline {
             break None;
         }
         std::thread::sleep(Duration::from_millis(20));
