@@ -49,7 +49,8 @@ Examples (bash):
 
   qemu-io -c 'read 0 1M' \"json:$(quorum qemu-args --json disk.xml)\"")]
 pub struct Args {
-    /// The XML file: a `<disk type='quorum'>` or a whole `<domain>`.
+    /// The XML file (`-`: standard input): a `<disk type='quorum'>`, or a whole
+    /// `<domain>` holding it under `<devices>` or in quorum's `<metadata>`.
     pub file: PathBuf,
     /// Pick the disk whose `<target dev=...>` is DEV (default: the first quorum disk).
     #[arg(long, value_name = "DEV")]

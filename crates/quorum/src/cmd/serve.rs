@@ -38,7 +38,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Quorum disk XML (a <disk> or a <domain>).
+    /// Quorum disk XML (a <disk>, or a <domain> with it in <devices> or in
+    /// quorum's <metadata>; `-` reads standard input).
     pub file: PathBuf,
     /// Which disk of a <domain> (its target dev); default: the first quorum disk.
     #[arg(long, value_name = "DEV")]
