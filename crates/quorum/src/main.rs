@@ -73,6 +73,8 @@ enum Command {
     Check(cmd::check::Args),
     /// Create the replica images that are missing.
     Create(cmd::create::Args),
+    /// Convert a domain between `<disk type='quorum'>` and what stock libvirt accepts.
+    Domxml(cmd::domxml::Args),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
+        Command::Domxml(a) => cmd::domxml::run(a),
     };
     let code = match result {
         Ok(code) => code,

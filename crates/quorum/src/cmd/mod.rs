@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod create;
+pub mod domxml;
 pub mod dumpxml;
 pub mod probe;
 pub mod qemu_args;
