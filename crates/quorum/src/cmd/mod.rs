@@ -4,6 +4,7 @@ pub mod check;
 pub mod create;
 pub mod domxml;
 pub mod dumpxml;
+pub mod libvirt_hook;
 pub mod probe;
 pub mod qemu_args;
 pub mod serve;
