@@ -75,6 +75,8 @@ enum Command {
     Create(cmd::create::Args),
     /// Convert a domain between `<disk type='quorum'>` and what stock libvirt accepts.
     Domxml(cmd::domxml::Args),
+    /// Define a domain with `<disk type='quorum'>` disks in libvirt (to-libvirt + virsh define --validate).
+    Define(cmd::define::Args),
     /// libvirt's qemu hook: start and stop `quorum serve` for a domain's quorum disks.
     LibvirtHook(cmd::libvirt_hook::Args),
 }
@@ -109,6 +111,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
         Command::Domxml(a) => cmd::domxml::run(a),
+        Command::Define(a) => cmd::define::run(a),
         Command::LibvirtHook(a) => cmd::libvirt_hook::run(a),
     };
     let code = match result {

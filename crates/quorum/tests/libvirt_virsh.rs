@@ -193,3 +193,54 @@ fn from_libvirt_of_virshs_domain_gives_back_every_quorum_disk() {
         assert_eq!(got.stdout, want.stdout, "disk {dev}");
     }
 }
+
+#[test]
+fn define_converts_and_virsh_accepts_what_it_refuses_unconverted() {
+    require("virsh");
+
+    let out = support::quorum([
+        "define".as_ref(),
+        testdata("proposal.xml").as_os_str(),
+        "--connect".as_ref(),
+        TEST_URI.as_ref(),
+    ]);
+
+    // virsh_refuses_the_proposal_itself shows the same file is refused as written.
+    assert!(out.ok(), "{out}");
+    assert!(out.stdout.contains("Domain 'quorum-demo' defined"), "{out}");
+}
+
+#[test]
+fn define_always_validates_and_reports_libvirts_refusal() {
+    require("virsh");
+    // A plain `virsh define` drops an element it does not know, silently;
+    // with --validate the schema refuses it.
+    let xml = std::fs::read_to_string(testdata("proposal.xml"))
+        .unwrap()
+        .replace("<vcpu>1</vcpu>", "<vcpu>1</vcpu>\n  <unknown-to-libvirt/>");
+
+    let out = quorum_stdin(&["define", "-", "--connect", TEST_URI], &xml);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("Failed to define domain"), "{out}");
+    assert!(
+        out.stderr
+            .contains("quorum: virsh define --validate refused the converted domain"),
+        "{out}"
+    );
+}
+
+#[test]
+fn define_reports_a_bad_quorum_disk_at_its_place_without_calling_virsh() {
+    let xml = std::fs::read_to_string(testdata("proposal.xml"))
+        .unwrap()
+        .replace("<threshold value='1'/>", "<threshold value='0'/>");
+
+    let out = quorum_stdin(&["define", "-", "--connect", TEST_URI], &xml);
+
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.stderr,
+        "<stdin>:46:18: unsupported configuration: quorum threshold must be at least 1\n"
+    );
+}

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod create;
+pub mod define;
 pub mod domxml;
 pub mod dumpxml;
 pub mod libvirt_hook;
