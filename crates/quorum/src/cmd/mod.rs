@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod create;
+pub mod daemon;
 pub mod define;
 pub mod domxml;
 pub mod dumpxml;
