@@ -43,6 +43,20 @@ install_qemu_system() {
 }
 install_qemu_system
 
+# libvirtd with its QEMU driver, for the real-VM test (crates/quorum/tests/
+# libvirt_vm.rs), without recommends: those would pull bookworm's own
+# qemu-system (7.2) in beside the backports build.
+install_libvirtd() {
+  command -v libvirtd >/dev/null 2>&1 && return 0
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "# installing test peers: libvirt-daemon libvirt-daemon-driver-qemu" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    libvirt-daemon libvirt-daemon-driver-qemu >/dev/null
+}
+install_libvirtd
+
 cargo test --workspace --all-targets "$@"
 # Once more confined to one CPU: the engine and the NBD driver take other
 # paths there (sequential fan-out, no blocking-pool hand-off).

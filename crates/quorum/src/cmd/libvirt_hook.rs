@@ -60,6 +60,7 @@ pub struct Args {
     #[arg(num_args = 0..)]
     pub rest: Vec<String>,
     /// Where daemons keep their state [env: QUORUM_RUNTIME_DIR; default: /run/quorum].
+    /// With --install, written into the script (libvirt cleans the environment).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
     /// Install the hook: write HOOKS_DIR/qemu.d/50-quorum, which runs this quorum.
@@ -80,7 +81,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.install {
-        return install(&args.hooks_dir);
+        return install(&args.hooks_dir, args.runtime_dir.as_deref());
     }
     let op = args.operation.clone().unwrap_or_default();
     let mut input = Vec::new();
@@ -143,14 +144,38 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 const HOOK_SCRIPT_NAME: &str = "50-quorum";
 
-fn install(hooks_dir: &Path) -> anyhow::Result<ExitCode> {
+/// `'...'` for sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Write the drop-in. libvirt runs hooks with a cleaned environment, so the
+/// runtime folder (--runtime-dir or QUORUM_RUNTIME_DIR) and QUORUM_STATE_DIR,
+/// when set now, are written into the script.
+fn install(hooks_dir: &Path, runtime_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find the quorum binary")?;
     let dir = hooks_dir.join("qemu.d");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(HOOK_SCRIPT_NAME);
+    let mut env = String::new();
+    let runtime = runtime_dir
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("QUORUM_RUNTIME_DIR").map(PathBuf::from));
+    if let Some(r) = runtime.filter(|r| !r.as_os_str().is_empty()) {
+        env.push_str(&format!(
+            "QUORUM_RUNTIME_DIR={}; export QUORUM_RUNTIME_DIR\n",
+            sh_quote(&r.display().to_string())
+        ));
+    }
+    if let Some(s) = std::env::var_os("QUORUM_STATE_DIR").filter(|s| !s.is_empty()) {
+        env.push_str(&format!(
+            "QUORUM_STATE_DIR={}; export QUORUM_STATE_DIR\n",
+            sh_quote(&s.to_string_lossy())
+        ));
+    }
     let script = format!(
-        "#!/bin/sh\n# libvirt qemu hook for quorum disks (quorum libvirt-hook --help)\nexec '{}' libvirt-hook \"$@\"\n",
-        exe.display().to_string().replace('\'', r"'\''")
+        "#!/bin/sh\n# libvirt qemu hook for quorum disks (quorum libvirt-hook --help)\n{env}exec {} libvirt-hook \"$@\"\n",
+        sh_quote(&exe.display().to_string())
     );
     std::fs::write(&path, script).with_context(|| format!("cannot write {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
