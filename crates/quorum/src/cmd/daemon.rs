@@ -102,20 +102,44 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The uid of user `name` (getpwnam_r: safe beside other threads).
 pub(crate) fn lookup_user(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam returns a pointer into a static buffer, read at once.
-    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-    // SAFETY: a non-null result points at a valid passwd entry.
-    (!pw.is_null()).then(|| unsafe { (*pw).pw_uid })
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero passwd is a valid value to be overwritten.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live memory of the stated size.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(pw.pw_uid)
 }
 
+/// The gid of group `name` (getgrnam_r: safe beside other threads).
 pub(crate) fn lookup_group(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: as in lookup_user.
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: a non-null result points at a valid group entry.
-    (!gr.is_null()).then(|| unsafe { (*gr).gr_gid })
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: an all-zero group is a valid value to be overwritten.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live memory of the stated size.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut gr,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(gr.gr_gid)
 }
 
 /// Serve listens (and wrote its pid file): apply the socket's owner and

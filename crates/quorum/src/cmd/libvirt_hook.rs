@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use quorum_config::libvirt::{self, DomainDisks, Export};
 
+use super::daemon::{lookup_group, lookup_user};
+
 /// libvirt's qemu hook for quorum disks.
 ///
 /// Install it once (libvirt >= 6.5 runs every script in qemu.d; restart
@@ -369,22 +371,6 @@ fn parse_dac_label(label: &str) -> anyhow::Result<(u32, u32)> {
     }
     .ok_or_else(|| anyhow!("unknown group '{g}' in DAC label '{label}'"))?;
     Ok((uid, gid))
-}
-
-fn lookup_user(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam reads a static buffer; the hook is single-threaded here.
-    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-    // SAFETY: non-null pointers from getpwnam point at a valid passwd.
-    (!pw.is_null()).then(|| unsafe { (*pw).pw_uid })
-}
-
-fn lookup_group(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: as in lookup_user.
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: non-null pointers from getgrnam point at a valid group.
-    (!gr.is_null()).then(|| unsafe { (*gr).gr_gid })
 }
 
 #[cfg(test)]
