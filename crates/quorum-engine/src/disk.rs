@@ -114,6 +114,8 @@ pub struct Tracking {
     pub record: Record,
     /// Resync rate limit in bytes per second (0: none).
     pub resync_rate: u64,
+    /// Replicas just made empty: every chunk missed, state new.
+    pub rebuild: Vec<usize>,
 }
 
 impl fmt::Debug for Member {
@@ -325,6 +327,9 @@ impl Disk {
         let remote = members
             .iter()
             .any(|m| m.replica.as_ref().is_ok_and(|r| r.is_remote()));
+        let rebuild = tracking
+            .as_ref()
+            .map_or_else(Vec::new, |t| t.rebuild.clone());
         let heal =
             tracking.map(|t| Heal::new(t.record, opts.threshold, t.resync_rate, !opts.read_only));
         // Where the record says what a replica missed, it starts stale (or
@@ -335,7 +340,14 @@ impl Disk {
                 (_, Err(_)) => ReplicaState::Failed,
                 (None, Ok(_)) => ReplicaState::InSync,
                 (Some(h), Ok(_)) => {
-                    if h.adopt(i, m.identity) {
+                    if rebuild.contains(&i) {
+                        h.record.mark_all_missed(i);
+                        if let Err(e) = h.record.sync() {
+                            tracing::error!(error = %e, "cannot record a new replica");
+                        }
+                        h.adopt(i, m.identity);
+                        ReplicaState::New
+                    } else if h.adopt(i, m.identity) {
                         ReplicaState::New
                     } else if h.record.missed_count(i) == 0 {
                         ReplicaState::InSync

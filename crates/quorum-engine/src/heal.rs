@@ -41,7 +41,14 @@ const CLEAN_EVERY: Duration = Duration::from_secs(5);
 /// How often resync progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Chunks copied between two flushes of the replica being resynced.
-const BATCH_CHUNKS: u64 = 128;
+const BATCH_CHUNKS: u64 = 256;
+/// Most chunks copied with one read of each source (1 MiB of 64 KiB chunks).
+const RUN_CHUNKS: u64 = 16;
+/// At most one "cannot resync" warning per replica this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+/// Regions marked dirty ahead of a write that needs a sync anyway, so a
+/// sequential stream syncs the record once per this many regions.
+const LOOKAHEAD: u64 = 3;
 
 /// Write intent and missed-chunk tracking of one disk.
 #[derive(Debug)]
@@ -53,21 +60,23 @@ pub(crate) struct Heal {
     intent: Mutex<Intent>,
     /// Counts ended writes; a region's `ended` is the value after its last.
     epoch: AtomicU64,
-    /// Regions to reconcile before anything reads or writes them.
+    /// Regions to reconcile before anything reads or writes them: dirty
+    /// (writes were in flight) or unknown (never compared).
     unsettled: Mutex<Vec<bool>>,
     unsettled_left: AtomicU64,
-    /// The unsettled regions come from a record started afresh: compare
-    /// them by the disk's threshold only (see `Header::compare_only`).
-    compare_only: std::sync::atomic::AtomicBool,
     /// Resync rate limit in bytes per second (0: none).
     rate: u64,
     /// Bytes the resync copied so far (all replicas).
     copied: AtomicU64,
+    /// Bytes the resync copied to each replica since its last completion.
+    copied_to: Vec<AtomicU64>,
     /// Bytes rewritten while settling regions.
     reconciled: AtomicU64,
     /// False on a read-only disk: the record is read, never written, and
     /// nothing is reconciled or resynced.
     active: bool,
+    /// When the last "cannot resync" warning was logged.
+    warned: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -98,11 +107,11 @@ impl Heal {
         let h = record.header();
         let regions = record.regions() as usize;
         let mut unsettled = vec![false; regions];
-        let dirty = record.dirty_regions();
+        let dirty = record.unsettled_regions();
         for &r in &dirty {
             unsettled[r as usize] = true;
         }
-        Heal {
+        let heal = Heal {
             region: h.region,
             chunk: h.chunk,
             threshold,
@@ -113,13 +122,33 @@ impl Heal {
             epoch: AtomicU64::new(0),
             unsettled: Mutex::new(unsettled),
             unsettled_left: AtomicU64::new(dirty.len() as u64),
-            compare_only: std::sync::atomic::AtomicBool::new(h.compare_only),
             rate,
             copied: AtomicU64::new(0),
+            copied_to: (0..h.replicas.len()).map(|_| AtomicU64::new(0)).collect(),
             reconciled: AtomicU64::new(0),
             active,
+            warned: Mutex::new(None),
             record,
+        };
+        if active && let Err(e) = heal.record.write_header(|h| h.clean = false) {
+            tracing::error!(error = %e, "cannot mark the record in use");
         }
+        heal
+    }
+
+    /// Warn, at most once a minute, that a run could not be resynced.
+    fn warn_unresyncable(&self, replica: &str, offset: u64, len: u64) {
+        let mut last = self.warned.lock();
+        if last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::warn!(
+            replica = %replica,
+            offset,
+            len,
+            "resync: the replicas to copy from do not agree here (or cannot be read); retrying later"
+        );
     }
 
     pub(crate) fn stats(&self) -> HealStats {
@@ -191,7 +220,18 @@ impl Heal {
             for r in regions.clone() {
                 intent.inflight[r as usize] += 1;
             }
-            self.record.mark_dirty(regions.clone());
+            if self.record.mark_dirty(regions.clone()) {
+                // A sync is due anyway: take the next regions along, so a
+                // sequential stream does not stop at every region boundary
+                // (not unsettled ones: their bit must mean what it says).
+                let last = self.record.regions();
+                let unsettled = self.unsettled.lock();
+                for r in regions.end..(regions.end + LOOKAHEAD).min(last) {
+                    if !unsettled[r as usize] {
+                        self.record.mark_dirty(r..r + 1);
+                    }
+                }
+            }
         }
         // Returns at once when the bits are already durable.
         self.record
@@ -250,7 +290,8 @@ impl Heal {
         let mut u = self.unsettled.lock();
         if std::mem::take(&mut u[r as usize])
             && self.unsettled_left.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.compare_only.swap(false, Ordering::AcqRel)
+            && self.record.header().compare_only
+            && self.record.unknown_count() == 0
         {
             drop(u);
             if let Err(e) = self.record.write_header(|h| h.compare_only = false) {
@@ -303,18 +344,24 @@ impl Members {
         h.missed_mask(self.slots.len(), offset, len) & lagging
     }
 
-    /// Record that the replicas in `missed` missed `[offset, offset + len)`
-    /// (durably); in-sync ones become stale.
-    fn record_missed(&self, missed: Mask, offset: u64, len: u64) {
+    /// Record (durably, one sync) that for each `(mask, offset, len)` the
+    /// replicas in `mask` missed that range; in-sync ones become stale.
+    fn record_missed(&self, ranges: &[(Mask, u64, u64)]) {
         let h = self.heal();
-        let chunks = h.chunks(offset, len);
-        for i in (0..self.slots.len()).filter(|i| missed & (1 << i) != 0) {
-            h.record.mark_missed(i, chunks.clone());
+        let mut all: Mask = 0;
+        for &(mask, offset, len) in ranges {
+            for i in (0..self.slots.len()).filter(|i| mask & (1 << i) != 0) {
+                h.record.mark_missed(i, h.chunks(offset, len));
+            }
+            all |= mask;
+        }
+        if all == 0 {
+            return;
         }
         if let Err(e) = h.record.sync() {
             tracing::error!(error = %e, "cannot record missed chunks");
         }
-        for i in (0..self.slots.len()).filter(|i| missed & (1 << i) != 0) {
+        for i in (0..self.slots.len()).filter(|i| all & (1 << i) != 0) {
             self.note_missed(i);
         }
     }
@@ -327,17 +374,23 @@ impl Members {
         if !h.is_unsettled(r) {
             return;
         }
+        // Never compared since a fresh record: only a majority decides.
+        // Dirty from writes in flight at a crash: every block is decided.
+        let compare_only = h.record.is_unknown(r);
         let n = self.slots.len();
         // Replicas that are not up miss whatever is made equal here.
         let down: Mask = (0..n)
             .filter(|&i| !self.slots[i].is_up())
             .fold(0, |m, i| m | 1 << i);
-        let mut missed: Mask = 0;
+        // What each replica missed here, per piece (a replica that is down
+        // misses the whole region).
+        let mut missed: Vec<(Mask, u64, u64)> = vec![(down, start, len)];
         let mut written: Mask = 0;
         let mut complete = true;
         let mut at = start;
         while at < start + len {
             let piece = h.chunk.min(start + len - at);
+            let mut piece_missed: Mask = 0;
             let eligible: Vec<usize> = (0..n)
                 .filter(|&i| down & (1 << i) == 0 && !h.record.missed_any(i, h.chunks(at, piece)))
                 .collect();
@@ -350,7 +403,7 @@ impl Members {
                         if is_unreachable(&e) {
                             self.fail(i, &e);
                         }
-                        missed |= 1 << i;
+                        piece_missed |= 1 << i;
                     }
                 }
             }
@@ -358,7 +411,7 @@ impl Members {
                 .iter()
                 .map(|b| b.as_deref().map_or(Copy::Failed(libc::EIO), Copy::Data))
                 .collect();
-            let decided = if h.compare_only.load(Ordering::Acquire) {
+            let decided = if compare_only {
                 // Nothing is known of this region: only a majority decides.
                 let ok = copies.iter().filter(|c| matches!(c, Copy::Data(_))).count();
                 match vote_read(&copies, h.threshold.min(n), at, Granularity::Block(4096)) {
@@ -385,25 +438,26 @@ impl Members {
                                     written |= 1 << j;
                                     h.reconciled.fetch_add(b.len as u64, Ordering::Relaxed);
                                 }
-                                Err(_) => missed |= 1 << j,
+                                Err(_) => piece_missed |= 1 << j,
                             }
                         }
                     }
                 }
             }
+            missed.push((piece_missed, at, piece));
             at += piece;
         }
+        // A replica whose flush failed may have lost any of it.
         for j in (0..n).filter(|j| written & (1 << j) != 0) {
             if self.slots[j].replica().flush().is_err() {
-                missed |= 1 << j;
+                missed.push((1 << j, start, len));
             }
         }
-        if missed | down != 0 {
-            self.record_missed(missed | down, start, len);
-        }
+        self.record_missed(&missed);
         if complete {
-            h.settled(r);
+            h.record.clear_unknown(r);
             h.record.clear_dirty(r);
+            h.settled(r);
         }
     }
 
@@ -422,8 +476,14 @@ impl Members {
             }
             if h.record.missed_count(i) == 0 {
                 if s.transition(st, ReplicaState::InSync) {
+                    let bytes = h.copied_to[i].swap(0, Ordering::AcqRel);
                     self.announce(i, st, ReplicaState::InSync, "resync completed".into());
-                    tracing::info!(replica = %s.name, "resync of {} completed", s.name);
+                    tracing::info!(
+                        replica = %s.name,
+                        copied_bytes = bytes,
+                        "resync of {} completed: {bytes} bytes copied",
+                        s.name
+                    );
                 }
             } else if pick.is_none() {
                 pick = Some(i);
@@ -433,7 +493,9 @@ impl Members {
     }
 
     /// Copy up to a batch of replica `i`'s missed chunks; returns the bytes
-    /// copied (0 when nothing could be).
+    /// copied (0 when nothing could be). Adjacent missed chunks are copied
+    /// as one run of up to [`RUN_CHUNKS`] chunks: one read per source, one
+    /// vote, one write.
     fn resync_batch(self: &Arc<Self>, i: usize, from: &mut u64) -> u64 {
         let h = self.heal();
         let slot = &self.slots[i];
@@ -447,55 +509,73 @@ impl Members {
             );
         }
         let n = self.slots.len();
-        let mut done = Vec::new();
+        let mut done: Vec<Range<u64>> = Vec::new();
         let mut bytes = 0;
-        let mut c = match h.record.next_missed(i, *from) {
+        let mut c = match h
+            .record
+            .next_missed(i, *from)
+            .or_else(|| h.record.next_missed(i, 0))
+        {
             Some(c) => c,
             None => {
                 *from = 0;
-                match h.record.next_missed(i, 0) {
-                    Some(c) => c,
-                    None => return 0,
-                }
+                return 0;
             }
         };
-        for _ in 0..BATCH_CHUNKS {
-            let (start, len) = bounds(c * h.chunk, h.chunk, self.size);
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); n];
+        let mut data: Vec<u8> = Vec::new();
+        let mut budget = BATCH_CHUNKS;
+        while budget > 0 {
+            // A run of adjacent missed chunks.
+            let mut end = c + 1;
+            while end - c < RUN_CHUNKS.min(budget) && h.record.missed_any(i, end..end + 1) {
+                end += 1;
+            }
+            budget -= end - c;
+            let (start, len) = bounds(c * h.chunk, (end - c) * h.chunk, self.size);
             let _g = self.ranges.lock(start, len, true);
             if !slot.is_up() || self.is_closed() {
                 break;
             }
+            // Sources: up, and missed nothing in the run.
             let sources: Vec<usize> = (0..n)
-                .filter(|&j| j != i && self.slots[j].is_up() && !h.record.missed_any(j, c..c + 1))
+                .filter(|&j| j != i && self.slots[j].is_up() && !h.record.missed_any(j, c..end))
                 .collect();
-            let mut bufs: Vec<Option<Vec<u8>>> = vec![None; n];
+            let mut read_ok: Mask = 0;
             for &j in &sources {
-                let mut b = vec![0u8; len as usize];
-                if self.slots[j].replica().read_at(&mut b, start).is_ok() {
-                    bufs[j] = Some(b);
+                let b = &mut bufs[j];
+                b.resize(len as usize, 0);
+                if self.slots[j].replica().read_at(b, start).is_ok() {
+                    read_ok |= 1 << j;
                 }
             }
-            let ok = bufs.iter().filter(|b| b.is_some()).count();
-            let copies: Vec<Copy<'_>> = bufs
-                .iter()
-                .map(|b| b.as_deref().map_or(Copy::Failed(libc::EIO), Copy::Data))
+            let ok = read_ok.count_ones() as usize;
+            let copies: Vec<Copy<'_>> = (0..n)
+                .map(|j| {
+                    if read_ok & (1 << j) != 0 {
+                        Copy::Data(&bufs[j][..len as usize])
+                    } else {
+                        Copy::Failed(libc::EIO)
+                    }
+                })
                 .collect();
-            if ok > 0
-                && let Verdict::Agreed { blocks, .. } = vote_read(
+            let verdict = (ok > 0).then(|| {
+                vote_read(
                     &copies,
                     h.threshold.min(ok),
                     start,
                     Granularity::Block(4096),
                 )
-            {
-                let mut data = vec![0u8; len as usize];
+            });
+            if let Some(Verdict::Agreed { blocks, .. }) = verdict {
+                data.resize(len as usize, 0);
                 for b in &blocks {
-                    let src = bufs[b.source].as_ref().expect("winner was read");
-                    data[b.start..b.start + b.len].copy_from_slice(&src[b.start..b.start + b.len]);
+                    data[b.start..b.start + b.len]
+                        .copy_from_slice(&bufs[b.source][b.start..b.start + b.len]);
                 }
-                match slot.replica().write_at(&data, start, false) {
+                match slot.replica().write_at(&data[..len as usize], start, false) {
                     Ok(()) => {
-                        done.push(c);
+                        done.push(c..end);
                         bytes += len;
                     }
                     Err(e) => {
@@ -506,14 +586,10 @@ impl Members {
                     }
                 }
             } else {
-                tracing::warn!(
-                    replica = %slot.name,
-                    offset = start,
-                    "resync: the replicas to copy from do not agree on this chunk (or cannot be read); leaving it for later"
-                );
+                h.warn_unresyncable(&slot.name, start, len);
             }
             drop(_g);
-            match h.record.next_missed(i, c + 1) {
+            match h.record.next_missed(i, end) {
                 Some(next) => c = next,
                 None => {
                     c = 0;
@@ -528,13 +604,16 @@ impl Members {
         // Bits are cleared only once the copies are flushed on the replica.
         match slot.replica().flush() {
             Ok(()) => {
-                for c in &done {
-                    h.record.clear_missed(i, *c);
+                for run in &done {
+                    for c in run.clone() {
+                        h.record.clear_missed(i, c);
+                    }
                 }
                 if let Err(e) = h.record.sync() {
                     tracing::error!(error = %e, "cannot record resync progress");
                 }
                 h.copied.fetch_add(bytes, Ordering::Relaxed);
+                h.copied_to[i].fetch_add(bytes, Ordering::Relaxed);
                 bytes
             }
             Err(e) => {
@@ -586,6 +665,10 @@ impl Members {
             return;
         };
         let clean = self.clean_dirty();
+        // Whatever else changed (regions compared, chunks resynced) too.
+        if let Err(e) = h.record.sync() {
+            tracing::error!(error = %e, "cannot write the record at close");
+        }
         let states: Vec<u8> = self.slots.iter().map(|s| s.state() as u8).collect();
         let res = h.record.write_header(|hd| {
             hd.clean = clean;
@@ -651,6 +734,9 @@ impl Members {
                 self.settle_region(r);
                 busy = true;
             } else if let Some(i) = self.next_to_resync() {
+                if progress.replica != Some(i) {
+                    progress = Progress::starting(i);
+                }
                 let n = self.resync_batch(i, &mut from[i]);
                 busy = n > 0;
                 progress.add(&self, i, n);
@@ -663,12 +749,14 @@ impl Members {
                     }
                 }
                 progress.batch_started = Instant::now();
+            } else {
+                progress.replica = None;
             }
             if last_clean.elapsed() >= CLEAN_EVERY {
                 self.clean_dirty();
                 last_clean = Instant::now();
             }
-            if !busy && self.wait(Duration::from_millis(500)) {
+            if !busy && self.wait_for_work(Duration::from_millis(500)) {
                 return;
             }
         }
@@ -678,6 +766,8 @@ impl Members {
 /// Resync progress, for the log.
 #[derive(Debug)]
 struct Progress {
+    /// The replica being resynced.
+    replica: Option<usize>,
     since: Instant,
     logged: Instant,
     bytes: u64,
@@ -688,6 +778,7 @@ impl Default for Progress {
     fn default() -> Self {
         let now = Instant::now();
         Progress {
+            replica: None,
             since: now,
             logged: now,
             bytes: 0,
@@ -697,6 +788,14 @@ impl Default for Progress {
 }
 
 impl Progress {
+    /// Timing from now, for replica `i`.
+    fn starting(i: usize) -> Progress {
+        Progress {
+            replica: Some(i),
+            ..Progress::default()
+        }
+    }
+
     fn add(&mut self, m: &Members, i: usize, n: u64) {
         self.bytes += n;
         if self.logged.elapsed() < PROGRESS_EVERY {

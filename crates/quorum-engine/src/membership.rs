@@ -324,8 +324,19 @@ impl Members {
         }
     }
 
-    /// Wait `d` unless the disk closes first; true when closed.
+    /// Wait the whole of `d` unless the disk closes first (new work does
+    /// not cut it short: retry back-off and resync throttling rely on
+    /// it); true when closed.
     pub(crate) fn wait(&self, d: Duration) -> bool {
+        let deadline = std::time::Instant::now() + d;
+        let mut closed = self.closed.lock();
+        while !*closed && !self.wake.wait_until(&mut closed, deadline).timed_out() {}
+        *closed
+    }
+
+    /// Wait at most `d`, or until new work is announced ([`Members::poke`])
+    /// or the disk closes; true when closed.
+    pub(crate) fn wait_for_work(&self, d: Duration) -> bool {
         let mut closed = self.closed.lock();
         if !*closed {
             self.wake.wait_for(&mut closed, d);
@@ -346,10 +357,12 @@ impl Members {
                 return;
             }
             match self.try_back(i) {
-                Ok(how) => {
+                Ok((how, replaced)) => {
                     // Back with what it missed meanwhile recorded: stale
-                    // (resynced by the healer) unless it missed nothing.
+                    // (resynced by the healer) unless it missed nothing; new
+                    // (rebuilt in full) if another replica took its place.
                     let to = match &self.heal {
+                        Some(_) if replaced => ReplicaState::New,
                         Some(h) if h.record.missed_count(i) > 0 => ReplicaState::Stale,
                         _ => ReplicaState::InSync,
                     };
@@ -369,9 +382,12 @@ impl Members {
     }
 
     /// Reopen the replica if it never opened, then read its first block.
-    fn try_back(&self, i: usize) -> Result<String, String> {
+    /// Returns how it came back, and whether it is another replica than
+    /// the record knew (to rebuild in full).
+    fn try_back(&self, i: usize) -> Result<(String, bool), String> {
         let slot = &self.slots[i];
         let mut how = "it answers again";
+        let mut replaced = false;
         let reopened = {
             let reopen = slot.reopen.lock();
             match reopen.as_ref() {
@@ -391,6 +407,7 @@ impl Members {
                 && h.adopt(i, identity)
             {
                 how = "it could be opened, but it is not the replica the record knows: rebuilding it in full";
+                replaced = true;
             } else {
                 how = "it could be opened";
             }
@@ -401,7 +418,7 @@ impl Members {
         slot.replica()
             .read_at(&mut probe, 0)
             .map_err(|e| e.to_string())?;
-        Ok(how.to_owned())
+        Ok((how.to_owned(), replaced))
     }
 }
 

@@ -41,6 +41,9 @@ pub struct OpenOptions {
     /// Bytes per missed-write bit (default [`CHUNK`]; a power of two,
     /// 4 KiB to 4 MiB).
     pub missed_granularity: Option<u64>,
+    /// Replicas just made empty beside replicas that hold data: they start
+    /// `new` and are rebuilt in full (needs a record).
+    pub rebuild: Vec<usize>,
 }
 
 /// A disk that could not be opened.
@@ -224,6 +227,7 @@ fn open_record(
         return Ok(o.map(|o| Tracking {
             record: o.record,
             resync_rate: 0,
+            rebuild: Vec::new(),
         }));
     }
     let o = Record::open(path, size, REGION, chunk, cfg.replicas.len())?;
@@ -254,5 +258,6 @@ fn open_record(
     Ok(Some(Tracking {
         record: o.record,
         resync_rate: opts.resync_rate,
+        rebuild: opts.rebuild.clone(),
     }))
 }

@@ -6,6 +6,8 @@
 //!   4 KiB  4 KiB   header slot B  ┘ number and a checksum; the valid one with
 //!                                   the higher sequence is current
 //!   8 KiB  ...     dirty-region bitmap pages (1 bit per region, 4 MiB)
+//!          ...     unknown-region bitmap pages (1 bit per region: not yet
+//!                  compared since the record was started afresh)
 //!          ...     missed-chunk bitmap pages of replica 0, 1, ... (1 bit per
 //!                  chunk, 64 KiB)
 //! ```
@@ -42,7 +44,7 @@ use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 const MAGIC: &[u8; 8] = b"QUORUMS1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const SLOT: u64 = 4096;
 const PAGE: usize = 4096;
 const PAGE_BITS: u64 = ((PAGE - 8) * 8) as u64;
@@ -74,10 +76,8 @@ pub struct Header {
     pub chunk: u64,
     /// The last daemon stopped cleanly (no dirty region left).
     pub clean: bool,
-    /// The dirty bits stand for "unknown", not for writes in flight: the
-    /// record was started afresh, so the replicas are compared by majority
-    /// only, never made equal by a guess. Cleared once every region was
-    /// compared.
+    /// The record was started afresh and some regions are still unknown
+    /// (not yet compared by majority since); cleared once none is left.
     pub compare_only: bool,
     /// Per replica, in disk order.
     pub replicas: Vec<ReplicaEntry>,
@@ -232,6 +232,9 @@ pub struct Record {
 struct Inner {
     header: Header,
     dirty: Bitmap,
+    /// Regions not compared since the record was started afresh: they are
+    /// compared by majority only, never made equal by a guess.
+    unknown: Bitmap,
     missed: Vec<Bitmap>,
     /// Bumped by every change; `sync` writes out up to a value of it.
     version: u64,
@@ -345,7 +348,8 @@ impl Record {
             }
         });
         let mut dirty = Bitmap::new(2 * SLOT, want_dirty);
-        let mut base = 2 * SLOT + dirty.bytes();
+        let mut unknown = Bitmap::new(2 * SLOT + dirty.bytes(), want_dirty);
+        let mut base = unknown.base + unknown.bytes();
         let mut missed = Vec::with_capacity(replicas);
         for _ in 0..replicas {
             let b = Bitmap::new(base, want_missed);
@@ -355,7 +359,10 @@ impl Record {
         let (header, distrust, bad_pages, previous) = match found {
             Ok(h) => {
                 let mut bad = 0;
-                for map in std::iter::once(&mut dirty).chain(missed.iter_mut()) {
+                for map in [&mut dirty, &mut unknown]
+                    .into_iter()
+                    .chain(missed.iter_mut())
+                {
                     bad += load_pages(&file, map).map_err(|e| io_err("cannot read", e))?;
                 }
                 (h.clone(), None, bad, Some(h))
@@ -364,7 +371,7 @@ impl Record {
             Err(why) => {
                 // Start afresh: everything to compare, nothing known.
                 file.set_len(0).map_err(|e| io_err("cannot truncate", e))?;
-                dirty.set_all();
+                unknown.set_all();
                 let h = Header {
                     seq: 0,
                     size,
@@ -383,6 +390,7 @@ impl Record {
             inner: Mutex::new(Inner {
                 header,
                 dirty,
+                unknown,
                 missed,
                 version: 1,
             }),
@@ -472,6 +480,32 @@ impl Record {
         self.inner.lock().dirty.get(r)
     }
 
+    /// Is region `r` unknown (not compared since a fresh start)?
+    pub fn is_unknown(&self, r: u64) -> bool {
+        self.inner.lock().unknown.get(r)
+    }
+
+    /// Region `r` has been compared (written out with the next sync).
+    pub fn clear_unknown(&self, r: u64) {
+        let mut inner = self.inner.lock();
+        if inner.unknown.put(r, false) {
+            inner.version += 1;
+        }
+    }
+
+    /// Unknown regions.
+    pub fn unknown_count(&self) -> u64 {
+        self.inner.lock().unknown.count()
+    }
+
+    /// Every region that is dirty or unknown: to settle before use.
+    pub fn unsettled_regions(&self) -> Vec<u64> {
+        let inner = self.inner.lock();
+        (0..inner.dirty.len)
+            .filter(|&r| inner.dirty.get(r) || inner.unknown.get(r))
+            .collect()
+    }
+
     /// Every dirty region.
     pub fn dirty_regions(&self) -> Vec<u64> {
         let inner = self.inner.lock();
@@ -553,8 +587,13 @@ impl Record {
             let mut inner = self.inner.lock();
             let version = inner.version;
             let mut pages: Vec<(u64, Vec<u8>)> = Vec::new();
-            let Inner { dirty, missed, .. } = &mut *inner;
-            for map in std::iter::once(dirty).chain(missed.iter_mut()) {
+            let Inner {
+                dirty,
+                unknown,
+                missed,
+                ..
+            } = &mut *inner;
+            for map in [dirty, unknown].into_iter().chain(missed.iter_mut()) {
                 for p in 0..map.pages() {
                     if std::mem::take(&mut map.changed[p]) {
                         pages.push((map.base + (p * PAGE) as u64, map.encode(p)));
@@ -576,6 +615,32 @@ impl Record {
     }
 }
 
+/// Record that the replicas at `indices` were made anew (empty, beside
+/// replicas that hold data): every chunk is missed on them and their state
+/// is new, so they never vote before they are rebuilt. Opens (or starts)
+/// the record at `path` with its lock, for a disk of `size` bytes.
+pub fn mark_new(
+    path: &Path,
+    size: u64,
+    region: u64,
+    chunk: u64,
+    replicas: usize,
+    indices: &[usize],
+) -> Result<(), RecordError> {
+    let o = Record::open(path, size, region, chunk, replicas)?;
+    for &i in indices {
+        o.record.mark_all_missed(i);
+    }
+    o.record.sync()?;
+    o.record.write_header(|h| {
+        for &i in indices {
+            h.replicas[i].state = crate::ReplicaState::New as u8;
+            // Whatever file the record knew there is gone.
+            h.replicas[i].identity = 0;
+        }
+    })
+}
+
 /// What [`inspect`] finds in a record, read without taking its lock (a
 /// running daemon holds it): a snapshot, for `quorum status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -584,6 +649,8 @@ pub struct Inspection {
     pub header: Header,
     /// Dirty regions.
     pub dirty_regions: u64,
+    /// Regions not compared yet since the record was started afresh.
+    pub unknown_regions: u64,
     /// Missed chunks per replica.
     pub missed_chunks: Vec<u64>,
     /// Bitmap pages that failed their checksum (counted as all set).
@@ -608,9 +675,12 @@ pub fn inspect(path: &Path) -> Result<Inspection, Distrust> {
         // SAFETY: as above.
         unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
     }
-    let mut dirty = Bitmap::new(2 * SLOT, header.size.div_ceil(header.region));
-    let mut base = 2 * SLOT + dirty.bytes();
+    let regions = header.size.div_ceil(header.region);
+    let mut dirty = Bitmap::new(2 * SLOT, regions);
+    let mut unknown = Bitmap::new(2 * SLOT + dirty.bytes(), regions);
+    let mut base = unknown.base + unknown.bytes();
     let mut bad = load_pages(&file, &mut dirty).map_err(|e| Distrust::Corrupt(e.to_string()))?;
+    bad += load_pages(&file, &mut unknown).map_err(|e| Distrust::Corrupt(e.to_string()))?;
     let mut missed_chunks = Vec::with_capacity(header.replicas.len());
     for _ in 0..header.replicas.len() {
         let mut m = Bitmap::new(base, header.size.div_ceil(header.chunk));
@@ -620,6 +690,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, Distrust> {
     }
     Ok(Inspection {
         dirty_regions: dirty.count(),
+        unknown_regions: unknown.count(),
         missed_chunks,
         bad_pages: bad,
         in_use,
@@ -747,12 +818,17 @@ mod tests {
     }
 
     #[test]
-    fn missing_file_starts_with_every_region_dirty() {
+    fn missing_file_starts_with_every_region_unknown() {
         let dir = tempfile::tempdir().unwrap();
         let o = open(&dir.path().join("d.state"));
         assert_eq!(
-            (o.distrust, o.record.dirty_count(), o.record.missed_count(0)),
-            (Some(Distrust::Missing), 16, 0)
+            (
+                o.distrust,
+                o.record.unknown_count(),
+                o.record.dirty_count(),
+                o.record.missed_count(0)
+            ),
+            (Some(Distrust::Missing), 16, 0, 0)
         );
     }
 
@@ -763,7 +839,7 @@ mod tests {
         {
             let o = open(&p);
             for r in 0..16 {
-                o.record.clear_dirty(r);
+                o.record.clear_unknown(r);
             }
             o.record.mark_dirty(3..5);
             o.record.mark_missed(1, 100..103);
@@ -798,14 +874,14 @@ mod tests {
         {
             let o = open(&p);
             for r in 0..16 {
-                o.record.clear_dirty(r);
+                o.record.clear_unknown(r);
             }
             o.record.mark_missed(2, 5..6);
             o.record.sync().unwrap();
         }
         // Flip a bit in replica 2's missed page.
         let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-        let base = 2 * SLOT + PAGE as u64 * 3;
+        let base = 2 * SLOT + PAGE as u64 * 4;
         f.write_all_at(&[0xff], base + 100).unwrap();
         drop(f);
         let o = open(&p);
@@ -850,7 +926,7 @@ mod tests {
         std::fs::write(&p, vec![0x42u8; 20000]).unwrap();
         let o = open(&p);
         assert!(matches!(o.distrust, Some(Distrust::Corrupt(_))));
-        assert_eq!(o.record.dirty_count(), 16);
+        assert_eq!(o.record.unknown_count(), 16);
     }
 
     #[test]
@@ -874,7 +950,7 @@ mod tests {
         assert_eq!(
             (
                 i.in_use,
-                i.dirty_regions,
+                i.unknown_regions,
                 i.missed_chunks,
                 std::fs::read(&p).unwrap() == before
             ),

@@ -27,6 +27,24 @@ pub(crate) struct Qcow2Header {
     pub compression_type: u8,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// The fields that place the metadata tables (see [`crate::layout`]).
+    pub tables: Tables,
+}
+
+/// Where the header says the metadata tables are, and how big they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tables {
+    pub cluster_bits: u32,
+    pub l1_size: u32,
+    pub l1_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub refcount_order: u32,
+    pub header_len: u64,
+    pub backing_offset: u64,
+    pub backing_len: u32,
 }
 
 /// A reason imago must not open an image.
@@ -89,14 +107,29 @@ impl Qcow2Header {
         let size = be64(&b, 24);
         let crypt_method = be32(&b, 32);
         let (mut incompatible, mut compression_type, mut header_len) = (0, 0, 72u64);
+        let mut refcount_order = 4;
         if version == 3 {
             let v3 = read_exact(file, 72, 32)?;
             incompatible = be64(&v3, 0);
+            refcount_order = be32(&v3, 24);
             header_len = u64::from(be32(&v3, 28));
             if header_len > 104 {
                 compression_type = read_exact(file, 104, 1)?[0];
             }
         }
+        let tables = Tables {
+            cluster_bits: be32(&b, 20),
+            l1_size: be32(&b, 36),
+            l1_offset: be64(&b, 40),
+            refcount_table_offset: be64(&b, 48),
+            refcount_table_clusters: be32(&b, 56),
+            nb_snapshots: be32(&b, 60),
+            snapshots_offset: be64(&b, 64),
+            refcount_order,
+            header_len,
+            backing_offset: backing_off,
+            backing_len,
+        };
         let backing_file = if backing_off != 0 && backing_len != 0 {
             if backing_len > 1023 {
                 return Err(invalid("qcow2 backing file name is too long"));
@@ -115,6 +148,7 @@ impl Qcow2Header {
             compression_type,
             backing_file,
             backing_format,
+            tables,
         })
     }
 

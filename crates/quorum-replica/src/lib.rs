@@ -20,6 +20,7 @@
 
 mod error;
 mod header;
+mod layout;
 mod lock;
 mod nbd;
 mod open;

@@ -10,7 +10,9 @@ use imago::{FormatCreateBuilder, StorageOpenOptions};
 use quorum_config::model::{Backing, ImageFormat, Source, StorageSource};
 
 use crate::header::{Qcow2Header, has_qcow2_magic};
-use crate::qcow2::{backing_layer, parse_format, refusal_error, resolve_backing, same_file};
+use crate::qcow2::{
+    backing_layer, corruption_message, inspect_qcow2, parse_format, resolve_backing, same_file,
+};
 use crate::raw::file_size;
 use crate::{NbdReplica, OpenError, Qcow2Replica, RawReplica, Replica};
 
@@ -62,10 +64,26 @@ pub fn open(src: &StorageSource, opts: &OpenOptions) -> Result<Box<dyn Replica>,
                     "a raw image cannot have a backing store",
                 ));
             }
+            refuse_qcow2_declared_raw(path)?;
             Ok(Box::new(RawReplica::open(path, opts)?))
         }
         ImageFormat::Qcow2 => Ok(Box::new(Qcow2Replica::open(src, opts)?)),
     }
+}
+
+/// A file the XML calls raw but that starts with the qcow2 magic is
+/// refused as a format mismatch (opened as raw, its size would be the file's
+/// and the guest would see the qcow2 metadata).
+fn refuse_qcow2_declared_raw(path: &Path) -> Result<(), OpenError> {
+    let file = fs::File::open(path).map_err(|e| OpenError::io(path, "open", e))?;
+    if has_qcow2_magic(&file).map_err(|e| OpenError::io(path, "read header", e))? {
+        return Err(OpenError::FormatMismatch {
+            path: path.to_path_buf(),
+            expected: "raw",
+            found: "qcow2 (it starts with the qcow2 magic; declare it qcow2 if it is one)",
+        });
+    }
+    Ok(())
 }
 
 /// What a file looks like, read without locks.
@@ -111,11 +129,17 @@ fn probe_path(path: &Path) -> Result<ProbeInfo, OpenError> {
         });
     }
     let h = Qcow2Header::read(&file).map_err(|e| OpenError::invalid(path, e.to_string()))?;
+    // The same checks `open` makes, so `validate --probe` refuses what
+    // `serve` refuses (and reports what it would refuse writes to).
+    let refusal = match inspect_qcow2(path, &file) {
+        Ok((_, layout)) => corruption_message(path, &layout),
+        Err(e) => Some(e.to_string()),
+    };
     Ok(ProbeInfo {
         path: path.to_path_buf(),
         format: ImageFormat::Qcow2,
         virtual_size: h.size,
-        refusal: h.refusal().map(|r| refusal_error(path, r).to_string()),
+        refusal,
         backing_file: h.backing_file,
         backing_format: h.backing_format,
     })

@@ -73,6 +73,8 @@ enum Command {
     Check(cmd::check::Args),
     /// Create the replica images that are missing.
     Create(cmd::create::Args),
+    /// Show replica states, missed writes and write intent from the disk's record.
+    Status(cmd::status::Args),
     /// Convert a domain between `<disk type='quorum'>` and what stock libvirt accepts.
     Domxml(cmd::domxml::Args),
     /// Define a domain with `<disk type='quorum'>` disks in libvirt (to-libvirt + virsh define --validate).
@@ -110,6 +112,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
+        Command::Status(a) => cmd::status::run(a),
         Command::Domxml(a) => cmd::domxml::run(a),
         Command::Define(a) => cmd::define::run(a),
         Command::LibvirtHook(a) => cmd::libvirt_hook::run(a),

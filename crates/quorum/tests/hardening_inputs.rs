@@ -287,7 +287,7 @@ fn create_with_a_missing_block_device_creates_nothing() {
 }
 
 #[test]
-fn serve_create_missing_refuses_an_empty_voter_beside_data_and_says_what_to_run() {
+fn serve_create_missing_beside_data_rebuilds_the_new_replica_and_never_lets_it_vote() {
     let disk = Disk::new(&[Format::Raw, Format::Qcow2, Format::Raw], MIB, &opts(2));
     let xml = disk.xml.to_str().unwrap();
     let socket = disk.file("nbd.sock");
@@ -301,6 +301,7 @@ fn serve_create_missing_refuses_an_empty_voter_beside_data_and_says_what_to_run(
     }
     std::fs::remove_file(disk.path(2)).unwrap();
 
+    // Without a record nothing could keep the empty file from voting: refused.
     let serve = support::run_timeout(
         std::process::Command::new(support::QUORUM).args([
             "serve",
@@ -308,30 +309,43 @@ fn serve_create_missing_refuses_an_empty_voter_beside_data_and_says_what_to_run(
             "--socket",
             socket.to_str().unwrap(),
             "--create-missing",
+            "--no-tracking",
         ]),
         std::time::Duration::from_secs(20),
     );
-
     assert_eq!(serve.code, Some(1), "{serve}");
     assert!(
         serve
             .stderr
-            .contains("an empty replica would vote as if it were in sync")
-            && serve
-                .stderr
-                .contains("`quorum create FILE` and `quorum check --repair FILE`"),
+            .contains("an empty replica would vote as if it were in sync"),
         "{serve}"
     );
     assert!(!disk.path(2).exists(), "serve made the empty voter");
 
-    // What it says to run works: create, then repair onto the new replica.
+    // With the record: made, started as new, rebuilt online.
+    let d = Daemon::start(&disk, &["--create-missing"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !d.log_text().contains("resync of replica-2 completed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rebuild:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = d.log_text();
+    assert_eq!(d.stop(), Some(0));
+    assert!(log.contains("replica replica-2 is new"), "{log}");
+    let copied = disk.replica_has(2, 0x5a, 0, MIB);
+    assert!(copied.ok() && !copied.text().contains("fail"), "{copied}");
+
+    // `quorum create` records a replica it makes beside data as new too;
+    // `check --repair` then rebuilds it offline.
+    std::fs::remove_file(disk.path(2)).unwrap();
     let create = quorum(["create", xml]);
-    assert!(create.ok(), "{create}");
     assert!(
-        create
-            .stderr
-            .contains(&format!("quorum check --repair {xml}")),
-        "create reminds to repair: {create}"
+        create.ok() && create.stderr.contains("recorded as new"),
+        "{create}"
     );
     let repair = quorum(["check", xml, "--repair"]);
     assert!(repair.ok(), "{repair}");

@@ -33,15 +33,16 @@ is rounded up to one, as `qemu-img create` does (1000 becomes 1024). --cluster-s
 takes the same units and must be a power of two from 512 to 2M, as in qemu-img; it
 applies to qcow2 images (raw images have no clusters).
 
-A replica created next to replicas that already hold data starts empty: it would vote
-as if it were in sync. Copy the data onto it before serving, with
-`quorum check --repair FILE` (create prints this reminder). `quorum serve
---create-missing` refuses that case and says to run these two commands instead.
+A replica created next to replicas that already hold data starts empty. create
+records it in the disk's record (see --state) as a new replica: it never votes, and the
+next `quorum serve` rebuilds it online from the others (or `quorum check --repair
+FILE` does, offline). `quorum serve --create-missing` does the same; with
+--no-tracking, which keeps no record, it refuses that case instead.
 
 Examples:
   quorum create examples/quorum.xml --size 1G
   quorum create disk.xml --size 20G --cluster-size 2M
-  quorum create disk.xml && quorum check --repair disk.xml   # replace a lost replica")]
+  quorum create disk.xml && quorum serve disk.xml   # replace a lost replica; rebuilt online")]
 pub struct Args {
     /// Quorum disk XML (a <disk>, or a <domain> with it in <devices> or in
     /// quorum's <metadata>; `-` reads standard input).
@@ -57,6 +58,8 @@ pub struct Args {
     /// 2 MiB; default 64K.
     #[arg(long, value_name = "SIZE", value_parser = parse_cluster_size)]
     pub cluster_size: Option<u32>,
+    #[command(flatten)]
+    pub record: super::state::StateArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -69,19 +72,76 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &mut std::io::stdout(),
     )?;
     if !new_beside_data.is_empty() {
-        eprintln!(
-            "quorum: note: {} new and empty while the other replicas hold data; copy the data \
-             onto {} before serving: quorum check --repair {}",
-            list(&new_beside_data),
-            if new_beside_data.len() == 1 {
-                "it"
-            } else {
-                "them"
-            },
-            args.file.display()
-        );
+        let indices = indices_of(&cfg, &new_beside_data);
+        let recorded = match args.record.path(&cfg) {
+            Some(path) => mark_new_in_record(&cfg, &path, args.record.missed_granularity, &indices),
+            None => Err(anyhow::anyhow!("--no-tracking keeps no record")),
+        };
+        let _ = match recorded {
+            Ok(()) => writeln!(
+                std::io::stderr(),
+                "quorum: note: {} new and empty while the other replicas hold data; recorded as \
+                 new: the next `quorum serve {}` rebuilds {} online (or `quorum check --repair {}` \
+                 offline)",
+                list(&new_beside_data),
+                args.file.display(),
+                if new_beside_data.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                },
+                args.file.display()
+            ),
+            Err(e) => writeln!(
+                std::io::stderr(),
+                "quorum: note: {} new and empty while the other replicas hold data, and could not \
+                 be recorded as new ({e:#}); copy the data onto {} before serving: quorum check \
+                 --repair {}",
+                list(&new_beside_data),
+                if new_beside_data.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                },
+                args.file.display()
+            ),
+        };
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Indices of the replicas whose top image is one of `paths`.
+fn indices_of(cfg: &DiskConfig, paths: &[String]) -> Vec<usize> {
+    cfg.replicas
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| local_path(r).is_some_and(|p| paths.iter().any(|q| Path::new(q) == p)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Mark `indices` new in the disk's record at `path` (every chunk missed).
+fn mark_new_in_record(
+    cfg: &DiskConfig,
+    path: &Path,
+    granularity: u64,
+    indices: &[usize],
+) -> anyhow::Result<()> {
+    let size = cfg
+        .replicas
+        .iter()
+        .find_map(|r| quorum_replica::probe(r).ok())
+        .map(|p| p.virtual_size)
+        .context("no replica could be probed for the disk's size")?;
+    quorum_engine::record::mark_new(
+        path,
+        size,
+        quorum_engine::REGION,
+        granularity,
+        cfg.replicas.len(),
+        indices,
+    )?;
+    Ok(())
 }
 
 /// `--cluster-size`: a size like `--size`, a power of two from 512 to 2 MiB.
@@ -96,17 +156,25 @@ pub fn parse_cluster_size(s: &str) -> anyhow::Result<u32> {
     Ok(u32::try_from(n).expect("at most 2 MiB"))
 }
 
-/// Create what is missing for `serve --create-missing`: as `quorum create`,
-/// but refuses to add empty replicas beside replicas that hold data (an empty
-/// voter that looks in sync), saying what to run instead. Prints one line per
-/// layer to `out`.
+/// Create what is missing for `serve --create-missing`, as `quorum create`.
+/// Empty replicas beside replicas that hold data are returned (by index)
+/// for the engine to rebuild as new; without `into_populated` (no record
+/// to track the rebuild) they are refused, saying what to run instead.
+/// Prints one line per layer to `out`.
 pub fn create_missing(
     cfg: &DiskConfig,
     size: Option<u64>,
     cluster_size: Option<u32>,
+    into_populated: bool,
     out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    create_images(cfg, size, cluster_size, IntoPopulated::Refuse, out).map(|_| ())
+) -> anyhow::Result<Vec<usize>> {
+    let mode = if into_populated {
+        IntoPopulated::Allow
+    } else {
+        IntoPopulated::Refuse
+    };
+    let beside = create_images(cfg, size, cluster_size, mode, out)?;
+    Ok(indices_of(cfg, &beside))
 }
 
 /// Whether new replicas may join replicas that hold data.
@@ -246,9 +314,9 @@ fn create_images(
             if populated == IntoPopulated::Refuse {
                 bail!(
                     "refusing to create {} empty beside {}, which hold{} data: an empty replica \
-                     would vote as if it were in sync. Create it and copy the data onto it \
-                     first, then serve: run `quorum create FILE` and `quorum check --repair \
-                     FILE`, FILE being this disk's XML",
+                     would vote as if it were in sync, and --no-tracking keeps no record to \
+                     rebuild it as new. Serve without --no-tracking, or run `quorum create FILE` \
+                     and `quorum check --repair FILE`, FILE being this disk's XML",
                     list(&new_tops),
                     list(&holding),
                     if holding.len() == 1 { "s" } else { "" }

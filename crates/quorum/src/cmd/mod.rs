@@ -11,5 +11,6 @@ pub mod probe;
 pub mod qemu_args;
 pub mod serve;
 pub mod state;
+pub mod status;
 pub mod util;
 pub mod validate;

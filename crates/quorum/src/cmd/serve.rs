@@ -223,8 +223,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     crate::output::init_serve_logging();
     let cfg = load_disk(&args.file, args.target.as_deref())?;
     super::validate::log_threshold_warning(&cfg);
+    let mut rebuild = Vec::new();
     if args.create_missing {
-        create_missing(&cfg, args.size, None, &mut crate::output::lossy_stderr())?;
+        // With a record, empty replicas made beside data are rebuilt as new.
+        rebuild = create_missing(
+            &cfg,
+            args.size,
+            None,
+            !args.record.no_tracking,
+            &mut crate::output::lossy_stderr(),
+        )?;
     }
     let opts = OpenOptions {
         read_only: args.read_only,
@@ -235,6 +243,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         state: args.record.path(&cfg),
         resync_rate: args.resync_rate,
         missed_granularity: Some(args.record.missed_granularity),
+        rebuild,
     };
     if cfg.driver.rewrite_corrupted && (cfg.readonly || args.read_only) {
         bail!("rewrite_corrupted='on' needs a writable disk; drop --read-only or the option");

@@ -606,6 +606,13 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILL (a crash) and reap it.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// SIGTERM and wait (bounded); returns the exit code.
     pub fn stop(mut self) -> Option<i32> {
         let mut child = self.child.take().expect("daemon running");
