@@ -2,8 +2,9 @@
 //! driver (TCG), the hook installed by `quorum libvirt-hook --install`, the
 //! domain defined by `quorum define`. The guest is a 512-byte boot sector
 //! that prints a string on COM1 and halts; SeaBIOS loads it through
-//! virtio-blk from the NBD socket quorum serves, with the first replica's
-//! copy of that sector corrupted.
+//! virtio-blk from the NBD socket quorum serves; booted again with the
+//! first replica's copy of that sector corrupted, it still boots, and the
+//! daemon logs that replica as bad.
 //!
 //! libvirtd runs without systemd, in a mount namespace of its own
 //! (`unshare -m`) where /etc/libvirt, /run/libvirt, /var/lib/libvirt,
@@ -302,7 +303,7 @@ impl Drop for Libvirtd {
     }
 }
 
-/// Three raw replicas holding the boot sector; replica 0's copy corrupted.
+/// Three raw replicas holding the boot sector.
 fn replicas(dir: &Path) -> [PathBuf; 3] {
     let sector = boot_sector();
     let paths = [0, 1, 2].map(|i| dir.join(format!("r{i}.raw")));
@@ -311,10 +312,14 @@ fn replicas(dir: &Path) -> [PathBuf; 3] {
         img.resize(MIB, 0);
         std::fs::write(p, img).unwrap();
     }
-    let mut bad = std::fs::read(&paths[0]).unwrap();
-    bad[..512].copy_from_slice(&[0xde; 512]);
-    std::fs::write(&paths[0], bad).unwrap();
     paths
+}
+
+/// Overwrite the boot sector of replica `r`, behind quorum's back.
+fn corrupt_boot_sector(r: &Path) {
+    let mut bad = std::fs::read(r).unwrap();
+    bad[..512].copy_from_slice(&[0xde; 512]);
+    std::fs::write(r, bad).unwrap();
 }
 
 fn domain_xml(r: &[PathBuf; 3], serial: &Path) -> String {
@@ -339,29 +344,17 @@ fn domain_xml(r: &[PathBuf; 3], serial: &Path) -> String {
     )
 }
 
-/// Define, start, see the greeting, check the socket's owner, destroy, and
-/// see the daemon stop cleanly.
-fn boots_from_the_voted_disk(user: &str, group: &str) {
-    let lv = Libvirtd::start(user, group);
-    let r = replicas(lv.dir.path());
-    let serial = lv.path("serial.log");
-    let xml = lv.path("vm.xml");
-    std::fs::write(&xml, domain_xml(&r, &serial)).unwrap();
-
-    let define = support::run(
-        Command::new(QUORUM)
-            .args(["define"])
-            .arg(&xml)
-            .args(["--connect", &lv.uri, "--runtime-dir"])
-            .arg(lv.path("run")),
-    );
-    assert!(define.ok(), "{define}");
+/// `virsh start`, wait for the greeting on COM1, check the socket's and
+/// QEMU's owner, `virsh destroy`, and see the daemon stop cleanly.
+/// Returns the daemon's log.
+fn boot_once(lv: &Libvirtd, serial: &Path) -> String {
+    let _ = std::fs::remove_file(serial);
     let start = lv.virsh(&["start", "qboot"]);
     assert!(start.ok(), "{start}\n{}", lv.logs());
 
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
         if text.contains(GREETING) {
             break;
         }
@@ -383,7 +376,7 @@ fn boots_from_the_voted_disk(user: &str, group: &str) {
     let qemu_uid = std::fs::metadata(format!("/proc/{qemu_pid}"))
         .unwrap()
         .uid();
-    assert_eq!(qemu_uid, lv.qemu_ids.0, "QEMU runs as {user}");
+    assert_eq!(qemu_uid, lv.qemu_ids.0, "QEMU runs as the configured user");
     let serve_pid = read_pid(&run.join("vda.pid")).expect("the daemon's pid");
 
     let destroy = lv.virsh(&["destroy", "qboot"]);
@@ -395,9 +388,45 @@ fn boots_from_the_voted_disk(user: &str, group: &str) {
         "quorum serve still runs after virsh destroy"
     );
     let log = std::fs::read_to_string(run.join("vda.log")).unwrap();
-    assert!(log.contains("stopped cleanly"), "{log}");
-    // The vote outweighed replica 0's corrupted boot sector.
-    assert_eq!(&std::fs::read(&r[1]).unwrap()[..512], &boot_sector()[..]);
+    assert!(log.trim_end().ends_with("stopped cleanly"), "{log}");
+    log
+}
+
+/// Define; boot once with three good replicas (the daemon's record now
+/// exists); corrupt replica 0's boot sector; boot again: the guest still
+/// prints its greeting, and the daemon logged replica 0 as bad.
+fn boots_from_the_voted_disk(user: &str, group: &str) {
+    let lv = Libvirtd::start(user, group);
+    let r = replicas(lv.dir.path());
+    let serial = lv.path("serial.log");
+    let xml = lv.path("vm.xml");
+    std::fs::write(&xml, domain_xml(&r, &serial)).unwrap();
+    let define = support::run(
+        Command::new(QUORUM)
+            .args(["define"])
+            .arg(&xml)
+            .args(["--connect", &lv.uri, "--runtime-dir"])
+            .arg(lv.path("run")),
+    );
+    assert!(define.ok(), "{define}");
+    let first = boot_once(&lv, &serial);
+    assert!(!first.contains("QUORUM_REPORT_BAD"), "{first}");
+
+    corrupt_boot_sector(&r[0]);
+    let log = boot_once(&lv, &serial);
+
+    let second_run = &log[first.len()..];
+    let bad: Vec<&str> = second_run
+        .lines()
+        .filter(|l| l.contains("QUORUM_REPORT_BAD"))
+        .collect();
+    assert!(!bad.is_empty(), "no bad replica logged:\n{second_run}");
+    assert!(
+        bad[0].contains("node_name=replica-0") && bad[0].contains("sector_num=0"),
+        "{bad:?}"
+    );
+    // Later lines may sum up repeats; none blames another replica.
+    assert!(bad.iter().all(|l| l.contains("replica-0")), "{bad:?}");
 }
 
 #[test]
