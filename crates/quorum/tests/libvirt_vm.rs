@@ -96,6 +96,8 @@ fn entry<'a>(file: &'a str, name: &str) -> Option<&'a str> {
 struct Libvirtd {
     dir: tempfile::TempDir,
     pid: i32,
+    /// libvirtd itself (unshare and sh exec it), reaped on drop.
+    child: Option<std::process::Child>,
     uri: String,
     /// QEMU's uid and gid as configured.
     qemu_ids: (u32, u32),
@@ -219,6 +221,7 @@ impl Libvirtd {
         let mut daemon = Libvirtd {
             dir,
             pid,
+            child: None,
             uri,
             qemu_ids,
         };
@@ -240,7 +243,7 @@ impl Libvirtd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        daemon.pid = pid;
+        daemon.child = Some(child);
         daemon
     }
 
@@ -300,6 +303,9 @@ impl Drop for Libvirtd {
             }
         }
         stop_pid(self.pid);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.try_wait();
+        }
     }
 }
 
