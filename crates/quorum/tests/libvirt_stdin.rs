@@ -145,3 +145,19 @@ fn an_error_read_from_stdin_is_labelled_with_line_and_column() {
         "{out}"
     );
 }
+
+#[test]
+fn status_reads_the_domain_from_stdin() {
+    let disk = Disk::raw_filled(3, MIB, 0x5a, &Options::default());
+
+    let out = quorum_stdin(&["status", "-", "--target", "vda"], &domain_xml(&disk));
+
+    assert!(out.stdout.starts_with("vda:\n"), "{out}");
+    assert!(out.stdout.contains("Threshold : 2 of 3 replicas"), "{out}");
+    for i in 0..3 {
+        assert!(
+            out.stdout.contains(&disk.path(i).display().to_string()),
+            "{out}"
+        );
+    }
+}
