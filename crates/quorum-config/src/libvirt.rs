@@ -332,13 +332,7 @@ pub fn to_libvirt(
         let indent = indent_at(text, d.range().start);
         let fe = frontend(text, *d, &cfg, &socket_s);
         edits.push((d.range(), reindent(&fe, indent)));
-        let disk_xml = prefixed(&crate::to_xml(&cfg), PREFIX);
-        exports.push_str(&format!(
-            "<{PREFIX}:export target='{}' socket='{}'>\n{}</{PREFIX}:export>\n",
-            attr_escape(dev),
-            attr_escape(&socket_s),
-            indent_lines(&disk_xml, "  ")
-        ));
+        exports.push_str(&export_xml(dev, &socket_s, &cfg));
     }
     if !errors.is_empty() {
         let mut all: Vec<ConfigError> = errors.into_iter().flat_map(|e| e.0).collect();
@@ -352,6 +346,138 @@ pub fn to_libvirt(
     );
     edits.push(metadata_edit(text, domain, &element));
     Ok(splice(text, edits))
+}
+
+/// One `<quorum:export>` element holding `cfg` in canonical form.
+fn export_xml(dev: &str, socket: &str, cfg: &DiskConfig) -> String {
+    let disk_xml = prefixed(&crate::to_xml(cfg), PREFIX);
+    format!(
+        "<{PREFIX}:export target='{}' socket='{}'>\n{}</{PREFIX}:export>\n",
+        attr_escape(dev),
+        attr_escape(socket),
+        indent_lines(&disk_xml, "  ")
+    )
+}
+
+/// What `quorum attach` hands libvirt for one proposal-style disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachParts {
+    /// The quorum disk, with its target and socket.
+    pub export: Export,
+    /// The NBD disk for `virsh attach-device`.
+    pub frontend: String,
+}
+
+/// The frontend and metadata entry of the `<disk type='quorum'>` that is
+/// the root of `text`, for domain `domain` (its sockets under `runtime_dir`).
+pub fn attach_parts(
+    text: &str,
+    file: &str,
+    base_dir: &Path,
+    runtime_dir: &Path,
+    domain: &str,
+    use_fs: bool,
+) -> Result<AttachParts, ConfigErrors> {
+    let ctx = Ctx { text, file };
+    let doc = ctx.doc()?;
+    let root = doc.root_element();
+    if !plain(root, "disk") {
+        return Err(ctx.err(
+            root.range().start,
+            ErrorKind::Xml,
+            format!(
+                "root element must be <disk>, not <{}>",
+                root.tag_name().name()
+            ),
+        ));
+    }
+    let cfg = parse::parse(text, file, base_dir, None, use_fs)?.disk;
+    if domain.is_empty() || domain == "." || domain == ".." || domain.contains('/') {
+        return Err(ctx.err(
+            0,
+            ErrorKind::InvalidArg,
+            format!("domain name '{domain}' cannot name a runtime folder"),
+        ));
+    }
+    let dev = cfg.target.dev.clone();
+    let socket = socket_path(runtime_dir, domain, &dev);
+    let socket_s = socket.to_string_lossy().into_owned();
+    Ok(AttachParts {
+        frontend: format!("{}\n", frontend(text, root, &cfg, &socket_s)),
+        export: Export {
+            target: dev,
+            socket,
+            disk: cfg,
+        },
+    })
+}
+
+/// One `<export>` element in no namespace, as `virsh metadata --set` wants
+/// it (libvirt puts every element into the namespace given with --key).
+fn export_plain(dev: &str, socket: &str, cfg: &DiskConfig) -> String {
+    format!(
+        "<export target='{}' socket='{}'>\n{}</export>\n",
+        attr_escape(dev),
+        attr_escape(socket),
+        indent_lines(&crate::to_xml(cfg), "  ")
+    )
+}
+
+/// Our metadata element after adding `add` and removing the export of
+/// target `remove`, from `current` (what `virsh metadata DOMAIN URI`
+/// prints, if anything), in no namespace, for `virsh metadata --set --key
+/// quorum`. `None` when no export is left. Errors: `add`'s target is there
+/// already, or `remove`'s is not.
+pub fn edit_metadata(
+    current: Option<&str>,
+    add: Option<&Export>,
+    remove: Option<&str>,
+) -> Result<Option<String>, String> {
+    let mut kept: Vec<String> = Vec::new();
+    let mut targets: Vec<String> = Vec::new();
+    if let Some(cur) = current.filter(|c| !c.trim().is_empty()) {
+        let doc = Document::parse(cur).map_err(|e| format!("quorum metadata: {e}"))?;
+        for e in doc
+            .root_element()
+            .children()
+            .filter(|c| c.is_element() && c.tag_name().name() == "export")
+        {
+            let t = e.attribute("target").unwrap_or("").to_string();
+            if remove != Some(t.as_str()) {
+                // Written again in canonical form, whatever prefix it had.
+                let l = parse::parse(cur, "quorum metadata", Path::new("/"), Some(&t), false)
+                    .map_err(|e| e.to_string())?;
+                let socket = l.socket.unwrap_or_default();
+                kept.push(export_plain(&t, &socket.to_string_lossy(), &l.disk));
+            }
+            targets.push(t);
+        }
+    }
+    if let Some(t) = remove
+        && !targets.iter().any(|x| x == t)
+    {
+        return Err(format!("the domain's quorum metadata has no disk '{t}'"));
+    }
+    if let Some(e) = add {
+        if targets.contains(&e.target) {
+            return Err(format!(
+                "the domain already has a quorum disk '{}'",
+                e.target
+            ));
+        }
+        kept.push(export_plain(
+            &e.target,
+            &e.socket.to_string_lossy(),
+            &e.disk,
+        ));
+    }
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "<disks>\n{}</disks>\n",
+        indent_lines(&kept.concat(), "  ")
+    )))
 }
 
 fn indent_lines(xml: &str, indent: &str) -> String {

@@ -381,8 +381,11 @@ impl Parser<'_> {
         let picked = if is_elem(&root, "domain") {
             let exports = self.metadata_exports(root);
             self.pick_from_domain(root, target, &exports)?
-        } else if root.tag_name().namespace() == Some(NAMESPACE) {
-            // What `virsh metadata DOMAIN URI` prints: our element alone.
+        } else if root.tag_name().namespace() == Some(NAMESPACE)
+            || (root.tag_name().namespace().is_none() && root.tag_name().name() == "disks")
+        {
+            // What `virsh metadata DOMAIN URI` prints: our element alone,
+            // which libvirt prints without its namespace.
             let exports = self.exports_of(root);
             self.pick_export(root, target, &exports)?
         } else {

@@ -311,3 +311,15 @@ fn other_applications_metadata_is_left_alone() {
         "{e:?}"
     );
 }
+
+#[test]
+fn our_element_as_virsh_metadata_prints_it_without_namespace() {
+    let xml = format!(
+        "<disks>\n<export target='vda' socket='/run/quorum/demo/vda.sock'>{}</export>\n</disks>\n",
+        disk("", "vda")
+    );
+
+    let l = full(&xml, Some("vda"));
+
+    assert_eq!(l.socket, Some(PathBuf::from("/run/quorum/demo/vda.sock")));
+}

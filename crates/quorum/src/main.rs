@@ -81,6 +81,10 @@ enum Command {
     Define(cmd::define::Args),
     /// libvirt's qemu hook: start and stop `quorum serve` for a domain's quorum disks.
     LibvirtHook(cmd::libvirt_hook::Args),
+    /// Attach a `<disk type='quorum'>` to a libvirt domain (starts its daemon with --live).
+    Attach(cmd::hotplug::AttachArgs),
+    /// Detach a quorum disk from a libvirt domain (stops its daemon with --live).
+    Detach(cmd::hotplug::DetachArgs),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +120,8 @@ fn main() -> ExitCode {
         Command::Domxml(a) => cmd::domxml::run(a),
         Command::Define(a) => cmd::define::run(a),
         Command::LibvirtHook(a) => cmd::libvirt_hook::run(a),
+        Command::Attach(a) => cmd::hotplug::attach(a),
+        Command::Detach(a) => cmd::hotplug::detach(a),
     };
     let code = match result {
         Ok(code) => code,

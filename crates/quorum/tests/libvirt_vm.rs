@@ -444,3 +444,126 @@ fn a_vm_boots_from_a_quorum_disk_under_libvirt() {
 fn a_vm_whose_qemu_is_not_root_reaches_the_socket() {
     boots_from_the_voted_disk("libvirt-qemu", "kvm");
 }
+
+/// A `<disk type='quorum'>` file for target `dev`: two raw replicas.
+fn data_disk(lv: &Libvirtd, dev: &str) -> PathBuf {
+    let mut stores = String::new();
+    for i in 0..2 {
+        let p = lv.path(&format!("{dev}-{i}.raw"));
+        std::fs::write(&p, vec![0x5au8; MIB]).unwrap();
+        stores.push_str(&format!(
+            "<backingStore type='file'><format type='raw'/><source file='{}'/></backingStore>",
+            p.display()
+        ));
+    }
+    let xml = lv.path(&format!("{dev}.xml"));
+    std::fs::write(
+        &xml,
+        format!("<disk type='quorum'><threshold value='2'/>{stores}<target dev='{dev}' bus='virtio'/></disk>\n"),
+    )
+    .unwrap();
+    xml
+}
+
+fn quorum_ok(lv: &Libvirtd, args: &[&str]) -> support::Output {
+    let out = support::run(
+        Command::new(QUORUM)
+            .args(args)
+            .args(["--connect", &lv.uri, "--runtime-dir"])
+            .arg(lv.path("run")),
+    );
+    assert!(out.ok(), "quorum {args:?}: {out}\n{}", lv.logs());
+    out
+}
+
+/// `virsh domblklist` targets (live, or `--inactive`).
+fn targets(lv: &Libvirtd, inactive: bool) -> Vec<String> {
+    let mut args = vec!["domblklist", "qboot"];
+    if inactive {
+        args.push("--inactive");
+    }
+    let out = lv.virsh(&args);
+    assert!(out.ok(), "{out}");
+    out.stdout
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Does the domain's XML (live or inactive) hold quorum disk `dev` in its metadata?
+fn in_metadata(lv: &Libvirtd, inactive: bool, dev: &str) -> bool {
+    let mut args = vec!["dumpxml", "qboot"];
+    if inactive {
+        args.push("--inactive");
+    }
+    let xml = lv.virsh(&args).stdout;
+    quorum_config::parse_str(&xml, "d.xml", Path::new("/"), Some(dev))
+        .is_ok_and(|d| d.target.dev == dev)
+        && xml.contains(&format!("target=\"{dev}\""))
+}
+
+#[test]
+fn attach_and_detach_keep_devices_metadata_and_daemons_in_step() {
+    let lv = Libvirtd::start("libvirt-qemu", "kvm");
+    let r = replicas(lv.dir.path());
+    let xml = lv.path("vm.xml");
+    std::fs::write(&xml, domain_xml(&r, &lv.path("serial.log"))).unwrap();
+    quorum_ok(&lv, &["define", xml.to_str().unwrap()]);
+    let vdb = data_disk(&lv, "vdb");
+    let vdc = data_disk(&lv, "vdc");
+
+    // Off: --config only, no daemon.
+    quorum_ok(&lv, &["attach", "qboot", vdb.to_str().unwrap(), "--config"]);
+    assert_eq!(targets(&lv, true), ["vda", "vdb"]);
+    assert!(in_metadata(&lv, true, "vdb"));
+    assert!(!lv.path("run/qboot/vdb.pid").exists());
+
+    // The hook starts both disks' daemons.
+    let start = lv.virsh(&["start", "qboot"]);
+    assert!(start.ok(), "{start}\n{}", lv.logs());
+    let vdb_pid = read_pid(&lv.path("run/qboot/vdb.pid")).expect("vdb's daemon");
+    assert!(alive(vdb_pid));
+
+    // Running: live by default; the daemon starts and QEMU gets the socket.
+    quorum_ok(&lv, &["attach", "qboot", vdc.to_str().unwrap()]);
+    assert_eq!(targets(&lv, false), ["vda", "vdb", "vdc"]);
+    assert!(in_metadata(&lv, false, "vdc"));
+    assert!(!in_metadata(&lv, true, "vdc"), "live only");
+    let vdc_pid = read_pid(&lv.path("run/qboot/vdc.pid")).expect("vdc's daemon");
+    let sock = std::fs::metadata(lv.path("run/qboot/vdc.sock")).unwrap();
+    assert_eq!((sock.uid(), sock.gid()), lv.qemu_ids);
+
+    // Attaching a target twice is refused, and leaves things as they were.
+    let again = support::run(
+        Command::new(QUORUM)
+            .args([
+                "attach",
+                "qboot",
+                vdc.to_str().unwrap(),
+                "--connect",
+                &lv.uri,
+                "--runtime-dir",
+            ])
+            .arg(lv.path("run")),
+    );
+    assert_eq!(again.code, Some(1), "{again}");
+    assert!(
+        again.stderr.contains("already has a quorum disk 'vdc'"),
+        "{again}"
+    );
+    assert_eq!(read_pid(&lv.path("run/qboot/vdc.pid")), Some(vdc_pid));
+
+    // destroy runs the release hook on the live XML: every daemon stops.
+    let destroy = lv.virsh(&["destroy", "qboot"]);
+    assert!(destroy.ok(), "{destroy}");
+    for pid in [vdb_pid, vdc_pid] {
+        assert!(!alive(pid), "daemon {pid} still runs after destroy");
+    }
+
+    // Off again: detach from the definition.
+    quorum_ok(&lv, &["detach", "qboot", "vdb", "--config"]);
+    assert_eq!(targets(&lv, true), ["vda"]);
+    assert!(!in_metadata(&lv, true, "vdb"));
+    assert!(in_metadata(&lv, true, "vda"));
+}

@@ -186,9 +186,11 @@ fn install(hooks_dir: &Path, runtime_dir: Option<&Path>) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-struct Hook {
-    dir: PathBuf,
-    timeout: Duration,
+/// Daemons of one domain, under its runtime folder (also used by
+/// `quorum attach` and `quorum detach`).
+pub(crate) struct Hook {
+    pub(crate) dir: PathBuf,
+    pub(crate) timeout: Duration,
 }
 
 impl Hook {
@@ -197,7 +199,7 @@ impl Hook {
     }
 
     /// The PID in DEV.pid, when that process is a live `quorum serve` of this disk.
-    fn running(&self, e: &Export) -> Option<i32> {
+    pub(crate) fn running(&self, e: &Export) -> Option<i32> {
         let text = std::fs::read_to_string(self.file(e, "pid")).ok()?;
         let pid: i32 = text.trim().parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -208,7 +210,7 @@ impl Hook {
         ours.then_some(pid)
     }
 
-    fn ensure_running(&self, dom: &DomainDisks) -> anyhow::Result<()> {
+    pub(crate) fn ensure_running(&self, dom: &DomainDisks) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
         let mut started = Vec::new();
@@ -230,7 +232,7 @@ impl Hook {
         Ok(())
     }
 
-    fn start(&self, e: &Export) -> anyhow::Result<()> {
+    pub(crate) fn start(&self, e: &Export) -> anyhow::Result<()> {
         let xml = self.file(e, "xml");
         let pid_file = self.file(e, "pid");
         let log = self.file(e, "log");
@@ -293,7 +295,7 @@ impl Hook {
     }
 
     /// Give every socket to QEMU's user and group, mode 0660.
-    fn hand_over(&self, dom: &DomainDisks) -> anyhow::Result<()> {
+    pub(crate) fn hand_over(&self, dom: &DomainDisks) -> anyhow::Result<()> {
         let owner = match &dom.dac_label {
             Some(label) => Some(parse_dac_label(label)?),
             None => None,
@@ -322,7 +324,7 @@ impl Hook {
 
     /// SIGTERM, then wait until the process is gone: it flushes and unlocks
     /// the replicas and removes its socket and pid file.
-    fn stop(&self, e: &Export) -> anyhow::Result<()> {
+    pub(crate) fn stop(&self, e: &Export) -> anyhow::Result<()> {
         let Some(pid) = self.running(e) else {
             return Ok(());
         };
@@ -347,12 +349,15 @@ fn connects(socket: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(socket).is_ok()
 }
 
+/// The daemon's last error line (`quorum: ...`), else its last line.
 fn last_line(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(|l| l.trim().to_string())
+    let lines = || text.lines().rev().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .find(|l| l.starts_with("quorum: "))
+        .map(|l| l.trim_start_matches("quorum: "))
+        .or_else(|| lines().next())
+        .map(str::to_string)
 }
 
 /// `+UID:+GID` (or `USER:GROUP` names) of a DAC `<seclabel>`.

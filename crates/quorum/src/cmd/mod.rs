@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod define;
 pub mod domxml;
 pub mod dumpxml;
+pub mod hotplug;
 pub mod libvirt_hook;
 pub mod probe;
 pub mod qemu_args;
