@@ -219,6 +219,26 @@ fn prepare_twice_keeps_the_running_daemon() {
 }
 
 #[test]
+fn prepare_never_orphans_a_daemon_whose_socket_is_gone() {
+    let fx = Fixture::new();
+    assert!(fx.hook("prepare").ok(), "{}", fx.log());
+    let pid = fx.pid().expect("pid");
+    std::fs::remove_file(fx.socket()).unwrap();
+
+    let again = fx.hook("prepare");
+
+    assert_eq!(again.code, Some(1), "{again}");
+    assert!(
+        again.stderr.contains(&format!(
+            "quorum serve for vda (pid {pid}) runs but does not answer"
+        )),
+        "{again}"
+    );
+    assert_eq!(fx.pid(), Some(pid), "its pid file is kept");
+    assert!(alive(pid));
+}
+
+#[test]
 fn start_hands_the_socket_to_qemus_user_and_group_mode_0660() {
     let fx = Fixture::new();
     assert!(fx.hook("prepare").ok(), "{}", fx.log());

@@ -233,6 +233,14 @@ impl Hook {
     }
 
     pub(crate) fn start(&self, e: &Export) -> anyhow::Result<()> {
+        if let Some(pid) = self.running(e) {
+            // Never orphan it by replacing its pid file.
+            bail!(
+                "quorum serve for {} (pid {pid}) runs but does not answer on {}",
+                e.target,
+                e.socket.display()
+            );
+        }
         let xml = self.file(e, "xml");
         let pid_file = self.file(e, "pid");
         let log = self.file(e, "log");
