@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
             qemu-storage-daemon:qemu-utils \
-            nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio; do
+            nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio \
+            virsh:libvirt-clients virt-xml-validate:libvirt-clients \
+            xmllint:libxml2-utils systemd-analyze:systemd; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 # nbdsh is a python module on Debian's python3, not on any other python.
@@ -40,6 +42,20 @@ install_qemu_system() {
     -t bookworm-backports qemu-system-x86 >/dev/null
 }
 install_qemu_system
+
+# libvirtd with its QEMU driver, for the real-VM test (crates/quorum/tests/
+# libvirt_vm.rs), without recommends: those would pull bookworm's own
+# qemu-system (7.2) in beside the backports build.
+install_libvirtd() {
+  command -v libvirtd >/dev/null 2>&1 && return 0
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "# installing test peers: libvirt-daemon libvirt-daemon-driver-qemu" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    libvirt-daemon libvirt-daemon-driver-qemu >/dev/null
+}
+install_libvirtd
 
 cargo test --workspace --all-targets "$@"
 # Once more confined to one CPU: the engine and the NBD driver take other

@@ -16,6 +16,9 @@ pub enum ErrorKind {
     /// Not an error itself: says how many errors past the cap were left out
     /// (`too many errors:`), placed at the first one left out.
     Omitted,
+    /// Not an error: something accepted but ignored, e.g. a guest-only
+    /// `<address>` on a disk (`note:`).
+    Note,
 }
 
 impl ErrorKind {
@@ -27,6 +30,7 @@ impl ErrorKind {
             ErrorKind::InvalidArg => "invalid argument",
             ErrorKind::Io => "cannot read file",
             ErrorKind::Omitted => "too many errors",
+            ErrorKind::Note => "note",
         }
     }
 }

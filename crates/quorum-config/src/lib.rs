@@ -13,13 +13,14 @@
 
 mod error;
 mod identity;
+pub mod libvirt;
 pub mod model;
 mod parse;
 pub mod qemu;
 mod syntax;
 mod write;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, ConfigErrors, ErrorKind};
 pub use model::*;
@@ -37,6 +38,24 @@ pub use write::to_xml;
 /// device and inode, or the same block device) and refuses that as it refuses a
 /// path written twice. Files need not exist.
 pub fn load(path: &Path, target: Option<&str>) -> Result<DiskConfig, ConfigErrors> {
+    load_full(path, target).map(|l| l.disk)
+}
+
+/// A disk as read, with what came along with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// The quorum disk.
+    pub disk: DiskConfig,
+    /// When the disk came from a domain's `<metadata>` (see [`libvirt`]):
+    /// the unix socket its `<export>` names, where QEMU expects the NBD export.
+    pub socket: Option<PathBuf>,
+    /// Things accepted but ignored ([`ErrorKind::Note`]), in document order:
+    /// elements and attributes that only concern the guest or QEMU.
+    pub notes: Vec<ConfigError>,
+}
+
+/// [`load`], keeping the export socket and the notes.
+pub fn load_full(path: &Path, target: Option<&str>) -> Result<Loaded, ConfigErrors> {
     let label = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| ConfigError {
         file: label.clone(),
@@ -45,14 +64,30 @@ pub fn load(path: &Path, target: Option<&str>) -> Result<DiskConfig, ConfigError
         kind: ErrorKind::Io,
         message: e.to_string(),
     })?;
-    let text = match String::from_utf8(bytes) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    parse_bytes(&bytes, &label, dir, target)
+}
+
+/// As [`load_full`] for bytes read elsewhere (e.g. standard input), labelled
+/// `file_label`, relative paths resolved against `base_dir`. Like [`load`]
+/// (unlike [`parse_str`]) it asks the file system whether two layers are one file.
+pub fn parse_bytes(
+    bytes: &[u8],
+    file_label: &str,
+    base_dir: &Path,
+    target: Option<&str>,
+) -> Result<Loaded, ConfigErrors> {
+    let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
-            let good = e.utf8_error().valid_up_to();
-            let prefix = std::str::from_utf8(&e.as_bytes()[..good]).unwrap_or("");
+            let good = e.valid_up_to();
+            let prefix = std::str::from_utf8(&bytes[..good]).unwrap_or("");
             let (line, col) = syntax::line_col(prefix, good);
             return Err(ConfigError {
-                file: label,
+                file: file_label.to_string(),
                 line,
                 col,
                 kind: ErrorKind::Xml,
@@ -61,11 +96,7 @@ pub fn load(path: &Path, target: Option<&str>) -> Result<DiskConfig, ConfigError
             .into());
         }
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    parse::parse(&text, &label, dir, target, true)
+    parse::parse(text, file_label, base_dir, target, true)
 }
 
 /// Parse and validate XML `text`. `file_label` prefixes error messages;
@@ -78,5 +109,15 @@ pub fn parse_str(
     base_dir: &Path,
     target: Option<&str>,
 ) -> Result<DiskConfig, ConfigErrors> {
+    parse::parse(text, file_label, base_dir, target, false).map(|l| l.disk)
+}
+
+/// [`parse_str`], keeping the export socket and the notes.
+pub fn parse_str_full(
+    text: &str,
+    file_label: &str,
+    base_dir: &Path,
+    target: Option<&str>,
+) -> Result<Loaded, ConfigErrors> {
     parse::parse(text, file_label, base_dir, target, false)
 }

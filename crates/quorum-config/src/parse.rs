@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use roxmltree::{Attribute, Document, Node};
 
+use crate::Loaded;
 use crate::error::{ConfigError, ConfigErrors, ErrorKind};
 use crate::identity::{Identity, identify};
+use crate::libvirt::NAMESPACE;
 use crate::model::*;
 use crate::syntax;
 
@@ -27,7 +29,7 @@ pub(crate) fn parse(
     base_dir: &Path,
     target: Option<&str>,
     use_fs: bool,
-) -> Result<DiskConfig, ConfigErrors> {
+) -> Result<Loaded, ConfigErrors> {
     let doc = match Document::parse(text) {
         Ok(d) => d,
         Err(e) => {
@@ -49,11 +51,20 @@ pub(crate) fn parse(
         file,
         base_dir: &base_dir,
         errors: Vec::new(),
+        notes: Vec::new(),
         layers: Vec::new(),
+        in_metadata: false,
     };
     let cfg = p.root(&doc, target);
     match cfg {
-        Some(cfg) if p.errors.is_empty() => Ok(cfg),
+        Some((disk, socket)) if p.errors.is_empty() => {
+            p.notes.sort_by_key(|e| (e.line, e.col));
+            Ok(Loaded {
+                disk,
+                socket,
+                notes: p.notes,
+            })
+        }
         _ => {
             let mut errors = p.errors;
             errors.sort_by_key(|e| (e.line, e.col));
@@ -97,7 +108,12 @@ struct Parser<'a> {
     file: &'a str,
     base_dir: &'a Path,
     errors: Vec<ConfigError>,
+    /// What was accepted but ignored ([`ErrorKind::Note`]).
+    notes: Vec<ConfigError>,
     layers: Vec<LayerSeen>,
+    /// Parsing a disk kept in the domain's `<metadata>`: elements in our
+    /// namespace count as ours (`virsh metadata --set` puts them all there).
+    in_metadata: bool,
 }
 
 const PREFIXES: [&str; 6] = ["fd", "hd", "sd", "vd", "xvd", "ubd"];
@@ -115,11 +131,67 @@ fn is_elem(n: &Node<'_, '_>, name: &str) -> bool {
     n.is_element() && n.tag_name().name() == name && n.tag_name().namespace().is_none()
 }
 
+/// Element `name` in no namespace or in ours, whatever the prefix.
+fn is_ours(n: &Node<'_, '_>, name: &str) -> bool {
+    n.is_element()
+        && n.tag_name().name() == name
+        && matches!(n.tag_name().namespace(), None | Some(NAMESPACE))
+}
+
+/// Disk elements that `virsh dumpxml` adds or a libvirt user writes which
+/// only concern the guest or QEMU, never the replicas: accepted, ignored,
+/// and noted.
+const IGNORED_DISK_ELEMENTS: [&str; 9] = [
+    "address",
+    "boot",
+    "iotune",
+    "blockio",
+    "geometry",
+    "wwn",
+    "vendor",
+    "product",
+    "throttlefilters",
+];
+
+/// Attributes of the same kind, per element.
+fn ignored_attribute(elem: &str, attr: &str) -> bool {
+    match elem {
+        "driver" => matches!(
+            attr,
+            "cache"
+                | "io"
+                | "discard"
+                | "detect_zeroes"
+                | "error_policy"
+                | "rerror_policy"
+                | "iothread"
+                | "queues"
+                | "queue_size"
+                | "copy_on_read"
+                | "ioeventfd"
+                | "event_idx"
+                | "iommu"
+                | "ats"
+                | "packed"
+                | "page_per_vq"
+                | "metadata_cache"
+        ),
+        "target" => matches!(attr, "tray" | "removable" | "rotation_rate"),
+        _ => false,
+    }
+}
+
 fn parse_decimal(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     s.parse().ok()
+}
+
+/// The disk a domain document names: a device, or an export in our metadata.
+enum Picked<'a, 'i> {
+    Device(Node<'a, 'i>),
+    Export(Node<'a, 'i>),
 }
 
 /// Collects the known child elements of one element, reporting unknown and repeated ones.
@@ -155,6 +227,24 @@ impl Parser<'_> {
         });
     }
 
+    fn note(&mut self, pos: (u32, u32), message: String) {
+        self.notes.push(ConfigError {
+            file: self.file.to_string(),
+            line: pos.0,
+            col: pos.1,
+            kind: ErrorKind::Note,
+            message,
+        });
+    }
+
+    /// An element of ours: no namespace, or ours inside `<metadata>`.
+    fn ns_ok(&self, n: &Node<'_, '_>) -> bool {
+        match n.tag_name().namespace() {
+            None => true,
+            Some(ns) => self.in_metadata && ns == NAMESPACE,
+        }
+    }
+
     fn err_node(&mut self, n: Node<'_, '_>, kind: ErrorKind, message: String) {
         let pos = self.pos(n.range().start);
         self.push(pos, kind, message);
@@ -172,6 +262,18 @@ impl Parser<'_> {
         for a in n.attributes() {
             let ok = a.namespace().is_none() && allowed.contains(&a.name());
             if ok {
+                continue;
+            }
+            if a.namespace().is_none() && ignored_attribute(elem, a.name()) {
+                let pos = self.pos(a.range().start);
+                self.note(
+                    pos,
+                    format!(
+                        "ignored attribute '{}' of <{elem}>: it concerns the guest or QEMU, \
+                         not the replicas",
+                        a.name()
+                    ),
+                );
                 continue;
             }
             let msg = if a.namespace().is_none() && foreign.contains(&a.name()) {
@@ -213,9 +315,8 @@ impl Parser<'_> {
                 continue;
             }
             let name = c.tag_name().name();
-            let hit = known
-                .iter()
-                .position(|k| *k == name && c.tag_name().namespace().is_none());
+            let ours = self.ns_ok(&c);
+            let hit = known.iter().position(|k| *k == name && ours);
             let again = hit.is_some_and(|i| std::mem::replace(&mut seen[i], true));
             match hit.map(|i| &known[i]) {
                 Some(k) if again && !repeatable.contains(k) => {
@@ -226,7 +327,17 @@ impl Parser<'_> {
                     );
                 }
                 Some(k) => found.push((k, c)),
-                None if c.tag_name().namespace().is_none() && foreign.contains(&name) => {
+                None if ours && parent == "disk" && IGNORED_DISK_ELEMENTS.contains(&name) => {
+                    let pos = self.pos(c.range().start);
+                    self.note(
+                        pos,
+                        format!(
+                            "ignored element <{name}>: it concerns the guest or QEMU, not the \
+                             replicas"
+                        ),
+                    );
+                }
+                None if ours && foreign.contains(&name) => {
                     self.err_node(
                         c,
                         ErrorKind::Xml,
@@ -247,9 +358,13 @@ impl Parser<'_> {
         self.children(n, &[], &[], &[], "");
     }
 
-    fn root(&mut self, doc: &Document<'_>, target: Option<&str>) -> Option<DiskConfig> {
+    fn root(
+        &mut self,
+        doc: &Document<'_>,
+        target: Option<&str>,
+    ) -> Option<(DiskConfig, Option<PathBuf>)> {
         let root = doc.root_element();
-        let disk = if is_elem(&root, "disk") {
+        if is_elem(&root, "disk") {
             let dev = disk_target_dev(root);
             if let Some(want) = target
                 && dev != Some(want)
@@ -261,9 +376,18 @@ impl Parser<'_> {
                 );
                 return None;
             }
-            root
-        } else if is_elem(&root, "domain") {
-            self.pick_from_domain(root, target)?
+            return self.disk(root).map(|d| (d, None));
+        }
+        let picked = if is_elem(&root, "domain") {
+            let exports = self.metadata_exports(root);
+            self.pick_from_domain(root, target, &exports)?
+        } else if root.tag_name().namespace() == Some(NAMESPACE)
+            || (root.tag_name().namespace().is_none() && root.tag_name().name() == "disks")
+        {
+            // What `virsh metadata DOMAIN URI` prints: our element alone,
+            // which libvirt prints without its namespace.
+            let exports = self.exports_of(root);
+            self.pick_export(root, target, &exports)?
         } else {
             self.err_node(
                 root,
@@ -275,39 +399,196 @@ impl Parser<'_> {
             );
             return None;
         };
-        self.disk(disk)
+        match picked {
+            Picked::Device(d) => self.disk(d).map(|d| (d, None)),
+            Picked::Export(e) => self.export(e),
+        }
     }
 
     fn pick_from_domain<'a, 'i>(
         &mut self,
         domain: Node<'a, 'i>,
         target: Option<&str>,
-    ) -> Option<Node<'a, 'i>> {
-        let mut disks = domain
+        exports: &[Node<'a, 'i>],
+    ) -> Option<Picked<'a, 'i>> {
+        let disks: Vec<_> = domain
             .children()
             .filter(|c| is_elem(c, "devices"))
             .flat_map(|d| d.children())
-            .filter(|c| is_elem(c, "disk"));
+            .filter(|c| is_elem(c, "disk"))
+            .collect();
+        let is_quorum = |d: &Node<'_, '_>| d.attribute("type") == Some("quorum");
         let Some(want) = target else {
-            let found = disks.find(|d| d.attribute("type") == Some("quorum"));
-            if found.is_none() {
-                self.err_node(
-                    domain,
-                    ErrorKind::Xml,
-                    "no <disk type='quorum'> under <devices> in the domain".into(),
-                );
+            if let Some(d) = disks.iter().find(|d| is_quorum(d)) {
+                return Some(Picked::Device(*d));
             }
-            return found;
-        };
-        let Some(disk) = disks.find(|d| disk_target_dev(*d) == Some(want)) else {
+            if let Some(e) = exports.first() {
+                return Some(Picked::Export(*e));
+            }
             self.err_node(
                 domain,
-                ErrorKind::InvalidArg,
-                format!("no disk with target dev '{want}' in the domain"),
+                ErrorKind::Xml,
+                format!(
+                    "no <disk type='quorum'> under <devices> in the domain, nor in its \
+                     <metadata> under namespace '{NAMESPACE}'"
+                ),
             );
             return None;
         };
-        Some(disk)
+        let named = |d: &&Node<'a, 'i>| disk_target_dev(**d) == Some(want);
+        if let Some(d) = disks.iter().filter(named).find(|d| is_quorum(d)) {
+            return Some(Picked::Device(*d));
+        }
+        if let Some(e) = exports.iter().find(|e| e.attribute("target") == Some(want)) {
+            return Some(Picked::Export(*e));
+        }
+        if let Some(d) = disks.iter().find(named) {
+            // Not a quorum disk: `disk` says so, at its type.
+            return Some(Picked::Device(*d));
+        }
+        self.err_node(
+            domain,
+            ErrorKind::InvalidArg,
+            format!("no disk with target dev '{want}' in the domain"),
+        );
+        None
+    }
+
+    /// Pick an export of our metadata element `top` (root of the document).
+    fn pick_export<'a, 'i>(
+        &mut self,
+        top: Node<'a, 'i>,
+        target: Option<&str>,
+        exports: &[Node<'a, 'i>],
+    ) -> Option<Picked<'a, 'i>> {
+        let found = match target {
+            None => exports.first(),
+            Some(want) => exports.iter().find(|e| e.attribute("target") == Some(want)),
+        };
+        if found.is_none() {
+            let msg = match target {
+                None => "no <export> in this document".to_string(),
+                Some(want) => format!("no disk with target dev '{want}' in this document"),
+            };
+            let kind = if target.is_some() {
+                ErrorKind::InvalidArg
+            } else {
+                ErrorKind::Xml
+            };
+            self.err_node(top, kind, msg);
+        }
+        found.map(|e| Picked::Export(*e))
+    }
+
+    /// The `<export>` elements of the domain's metadata under our namespace.
+    /// libvirt keeps one element per namespace in `<metadata>`; a second is
+    /// an error here too.
+    fn metadata_exports<'a, 'i>(&mut self, domain: Node<'a, 'i>) -> Vec<Node<'a, 'i>> {
+        let mut first: Option<Node<'a, 'i>> = None;
+        let tops: Vec<_> = domain
+            .children()
+            .filter(|c| is_elem(c, "metadata"))
+            .flat_map(|m| m.children())
+            .filter(|c| c.is_element() && c.tag_name().namespace() == Some(NAMESPACE))
+            .collect();
+        for c in tops {
+            match first {
+                None => first = Some(c),
+                Some(f) => {
+                    let (l, col) = self.pos(f.range().start);
+                    let msg = format!(
+                        "more than one element in namespace '{NAMESPACE}' in <metadata> \
+                         (libvirt keeps one per namespace; the first is at line {l}, column {col})"
+                    );
+                    self.err_node(c, ErrorKind::Xml, msg);
+                }
+            }
+        }
+        match first {
+            Some(top) => self.exports_of(top),
+            None => Vec::new(),
+        }
+    }
+
+    /// The `<export>` children of our top-level metadata element `<disks>`.
+    fn exports_of<'a, 'i>(&mut self, top: Node<'a, 'i>) -> Vec<Node<'a, 'i>> {
+        if top.tag_name().name() != "disks" {
+            let msg = format!(
+                "unknown element <{}> in namespace '{NAMESPACE}' (expected <disks>)",
+                top.tag_name().name()
+            );
+            self.err_node(top, ErrorKind::Xml, msg);
+            return Vec::new();
+        }
+        self.check_attrs(top, &[], &[], "");
+        let was = std::mem::replace(&mut self.in_metadata, true);
+        let kids = self.children(top, &["export"], &["export"], &[], "");
+        self.in_metadata = was;
+        let exports: Vec<_> = kids.all("export").collect();
+        let mut seen: HashMap<&str, (u32, u32)> = HashMap::new();
+        for e in &exports {
+            let Some(a) = e.attribute_node("target") else {
+                continue;
+            };
+            let pos = self.pos(a.range().start);
+            if let Some(first) = seen.get(a.value()) {
+                let msg = format!(
+                    "target '{}' has more than one <export> (the first is at line {}, column {})",
+                    a.value(),
+                    first.0,
+                    first.1
+                );
+                self.err_attr(&a, ErrorKind::Xml, msg);
+            } else {
+                seen.insert(a.value(), pos);
+            }
+        }
+        exports
+    }
+
+    /// One `<export target= socket=>` holding a quorum `<disk>`.
+    fn export(&mut self, e: Node<'_, '_>) -> Option<(DiskConfig, Option<PathBuf>)> {
+        self.check_attrs(e, &["target", "socket"], &[], "");
+        let was = std::mem::replace(&mut self.in_metadata, true);
+        let kids = self.children(e, &["disk"], &[], &[], "");
+        let target = match e.attribute_node("target") {
+            None => {
+                self.err_node(e, ErrorKind::Xml, "missing export target".into());
+                None
+            }
+            Some(a) => Some(a),
+        };
+        let socket = match e.attribute_node("socket") {
+            None => {
+                self.err_node(e, ErrorKind::Xml, "missing export socket".into());
+                None
+            }
+            Some(a) if a.value().is_empty() => {
+                self.err_attr(&a, ErrorKind::Xml, "empty export socket".into());
+                None
+            }
+            Some(a) => Some(self.base_dir.join(a.value())),
+        };
+        let cfg = match kids.one("disk") {
+            None => {
+                self.err_node(e, ErrorKind::Xml, "missing <disk> in <export>".into());
+                None
+            }
+            Some(d) => self.disk(d),
+        };
+        self.in_metadata = was;
+        let cfg = cfg?;
+        if let Some(a) = target
+            && a.value() != cfg.target.dev
+        {
+            let msg = format!(
+                "export target '{}' does not match its disk's target dev '{}'",
+                a.value(),
+                cfg.target.dev
+            );
+            self.err_attr(&a, ErrorKind::Xml, msg);
+        }
+        Some((cfg, socket))
     }
 
     fn disk(&mut self, disk: Node<'_, '_>) -> Option<DiskConfig> {
@@ -948,7 +1229,7 @@ impl Parser<'_> {
         let mut all = Vec::new();
         while let Some(n) = todo.pop() {
             all.push(n);
-            todo.extend(n.children().filter(|c| is_elem(c, "backingStore")));
+            todo.extend(n.children().filter(|c| is_ours(c, "backingStore")));
         }
         all.sort_by_key(|n| n.range().start);
         for n in all {
@@ -983,6 +1264,6 @@ fn is_empty_store(n: Node<'_, '_>) -> bool {
 
 fn disk_target_dev<'a>(disk: Node<'a, '_>) -> Option<&'a str> {
     disk.children()
-        .find(|c| is_elem(c, "target"))
+        .find(|c| is_ours(c, "target"))
         .and_then(|t| t.attribute("dev"))
 }

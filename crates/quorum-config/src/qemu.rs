@@ -1,18 +1,25 @@
-//! [`DiskConfig`] → QEMU block graph, in libvirt's `-blockdev` conventions.
+//! [`DiskConfig`] → QEMU block graph, in libvirt's `-blockdev` conventions
+//! but under a node-name prefix of our own.
 //!
 //! ```text
-//!  replica 0:  libvirt-1-storage ─ libvirt-1-format (qcow2)
-//!  replica 1:  libvirt-2-storage (raw base, read-only)
-//!              libvirt-3-storage ─ libvirt-3-format (qcow2, backing: libvirt-2-storage)
-//!  quorum:     libvirt-quorum-vda  children: [libvirt-1-format, libvirt-3-format]
+//!  replica 0:  quorum-vda-1-storage ─ quorum-vda-1-format (qcow2)
+//!  replica 1:  quorum-vda-2-storage (raw base, read-only)
+//!              quorum-vda-3-storage ─ quorum-vda-3-format (qcow2, backing: quorum-vda-2-storage)
+//!  quorum:     quorum-vda  children: [quorum-vda-1-format, quorum-vda-3-format]
 //! ```
+//!
+//! libvirt names its own nodes `libvirt-N-storage` / `libvirt-N-format`;
+//! QEMU refuses a second node of the same name ("Duplicate nodes"), so ours
+//! must never take that form while the domain has any other disk. The default
+//! prefix ([`NodeNames::for_disk`]) is `quorum-DEV`, which also keeps two
+//! quorum disks of one VM apart; [`NodeNames::with_prefix`] takes any other.
 //!
 //! Every layer gets a protocol (storage) node; qcow2 layers also get a format node.
 //! Raw layers have no format node: whoever uses them names the storage node.
 //! Nodes come deepest first, so every reference names an existing node; the quorum
 //! node comes last. Numbers come from `index=` when given, otherwise from a counter.
 //!
-//! An NBD source with `tls='yes'` names TLS credentials `libvirt-N-storage-tls0`,
+//! An NBD source with `tls='yes'` names TLS credentials `PREFIX-N-storage-tls0`,
 //! which the caller must define (`-object tls-creds-x509,id=...`).
 
 use std::collections::HashSet;
@@ -21,14 +28,88 @@ use serde_json::{Map, Value, json};
 
 use crate::model::*;
 
-/// The node name of the quorum node itself (always under 32 bytes).
-pub fn quorum_node_name(cfg: &DiskConfig) -> String {
-    let name = format!("libvirt-quorum-{}", cfg.target.dev);
-    if name.len() < 32 {
-        name
-    } else {
-        "libvirt-quorum".to_string()
+/// QEMU's node names hold at most 31 bytes.
+pub const MAX_NODE_NAME: usize = 31;
+
+/// Longest suffix a layer node gets: `-` + a `u32` index + `-storage`.
+const LONGEST_SUFFIX: usize = "-4294967295-storage".len();
+
+/// How the nodes of one disk are named: layers `PREFIX-N-storage` and
+/// `PREFIX-N-format`, the quorum node `PREFIX` itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeNames {
+    prefix: String,
+}
+
+impl NodeNames {
+    /// The default: `quorum-DEV` (e.g. `quorum-vda`). When a long target
+    /// name would push a node name past 31 bytes, `qrm-` and eight hex digits
+    /// of a hash of the target name instead (stable from run to run).
+    pub fn for_disk(cfg: &DiskConfig) -> NodeNames {
+        let prefix = format!("quorum-{}", cfg.target.dev);
+        if prefix.len() + LONGEST_SUFFIX <= MAX_NODE_NAME {
+            return NodeNames { prefix };
+        }
+        // FNV-1a: tiny, and the same on every platform and release.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in cfg.target.dev.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        NodeNames {
+            prefix: format!("qrm-{h:08x}"),
+        }
     }
+
+    /// A prefix of the caller's choice. QEMU wants a node name to start with
+    /// a letter and hold only letters, digits, `-`, `.` and `_`; every name
+    /// this prefix yields must fit in 31 bytes.
+    pub fn with_prefix(prefix: &str) -> Result<NodeNames, String> {
+        let mut bytes = prefix.bytes();
+        if !bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+            || !bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            return Err(format!(
+                "invalid node-name prefix '{prefix}': it must start with a letter and hold only \
+                 letters, digits, '-', '.' and '_'"
+            ));
+        }
+        if prefix.len() + LONGEST_SUFFIX > MAX_NODE_NAME {
+            return Err(format!(
+                "node-name prefix '{prefix}' is too long: QEMU node names hold at most \
+                 {MAX_NODE_NAME} bytes, so the prefix may have at most {} bytes",
+                MAX_NODE_NAME - LONGEST_SUFFIX
+            ));
+        }
+        if prefix.starts_with("libvirt-") || prefix == "libvirt" {
+            return Err(format!(
+                "node-name prefix '{prefix}' would clash with the nodes libvirt names \
+                 'libvirt-N-storage' and 'libvirt-N-format'"
+            ));
+        }
+        Ok(NodeNames {
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The quorum node's name: the prefix itself.
+    pub fn quorum(&self) -> &str {
+        &self.prefix
+    }
+
+    fn storage(&self, n: u32) -> String {
+        format!("{}-{n}-storage", self.prefix)
+    }
+
+    fn format(&self, n: u32) -> String {
+        format!("{}-{n}-format", self.prefix)
+    }
+}
+
+/// The node name of the quorum node itself under the default naming
+/// ([`NodeNames::for_disk`]): `quorum-DEV`.
+pub fn quorum_node_name(cfg: &DiskConfig) -> String {
+    NodeNames::for_disk(cfg).quorum().to_string()
 }
 
 /// Hands out layer numbers: explicit `index=` values first, then a counter that skips them.
@@ -86,7 +167,7 @@ fn storage(source: &Source, name: Option<&str>, read_only: bool) -> Map<String, 
                 m.insert("export".into(), json!(e));
             }
             if *tls == Some(true) {
-                let id = format!("{}-tls0", name.unwrap_or("libvirt-storage"));
+                let id = format!("{}-tls0", name.unwrap_or("quorum-storage"));
                 m.insert("tls-creds".into(), json!(id));
             }
         }
@@ -101,13 +182,19 @@ fn storage(source: &Source, name: Option<&str>, read_only: bool) -> Map<String, 
 }
 
 /// Emit one layer (deepest first); returns the node name that layers above must use.
-fn emit(layer: &StorageSource, read_only: bool, out: &mut Vec<Value>, names: &mut Namer) -> String {
+fn emit(
+    layer: &StorageSource,
+    read_only: bool,
+    out: &mut Vec<Value>,
+    numbers: &mut Namer,
+    names: &NodeNames,
+) -> String {
     let below = match &layer.backing {
-        Backing::Store(b) => Some(emit(b, true, out, names)),
+        Backing::Store(b) => Some(emit(b, true, out, numbers, names)),
         _ => None,
     };
-    let n = names.number(layer.index);
-    let storage_name = format!("libvirt-{n}-storage");
+    let n = numbers.number(layer.index);
+    let storage_name = names.storage(n);
     out.push(Value::Object(storage(
         &layer.source,
         Some(&storage_name),
@@ -116,7 +203,7 @@ fn emit(layer: &StorageSource, read_only: bool, out: &mut Vec<Value>, names: &mu
     match layer.format {
         ImageFormat::Raw => storage_name,
         ImageFormat::Qcow2 => {
-            let format_name = format!("libvirt-{n}-format");
+            let format_name = names.format(n);
             let mut m = Map::new();
             m.insert("driver".into(), json!("qcow2"));
             m.insert("node-name".into(), json!(format_name));
@@ -159,18 +246,23 @@ fn quorum_options(cfg: &DiskConfig, m: &mut Map<String, Value>) {
 }
 
 /// One JSON object per `-blockdev`, in order: every replica's layers deepest
-/// first, then the quorum node (named by [`quorum_node_name`]).
+/// first, then the quorum node, under the default naming ([`NodeNames::for_disk`]).
 pub fn blockdev_args(cfg: &DiskConfig) -> Vec<Value> {
+    blockdev_args_named(cfg, &NodeNames::for_disk(cfg))
+}
+
+/// [`blockdev_args`] with the nodes named by `names`.
+pub fn blockdev_args_named(cfg: &DiskConfig, names: &NodeNames) -> Vec<Value> {
     let mut out = Vec::new();
-    let mut names = Namer::new(cfg);
+    let mut numbers = Namer::new(cfg);
     let children: Vec<String> = cfg
         .replicas
         .iter()
-        .map(|r| emit(r, cfg.readonly, &mut out, &mut names))
+        .map(|r| emit(r, cfg.readonly, &mut out, &mut numbers, names))
         .collect();
     let mut q = Map::new();
     quorum_options(cfg, &mut q);
-    q.insert("node-name".into(), json!(quorum_node_name(cfg)));
+    q.insert("node-name".into(), json!(names.quorum()));
     q.insert("children".into(), json!(children));
     out.push(Value::Object(q));
     out
@@ -231,7 +323,12 @@ pub enum NbdAddr {
 /// qemu-storage-daemon take `--blockdev`; no element holds a newline, so one
 /// per line is safe for `mapfile -t` or `xargs -d '\n'`.
 pub fn argv(cfg: &DiskConfig) -> Vec<String> {
-    blockdev_args(cfg)
+    argv_named(cfg, &NodeNames::for_disk(cfg))
+}
+
+/// [`argv`] with the nodes named by `names`.
+pub fn argv_named(cfg: &DiskConfig, names: &NodeNames) -> Vec<String> {
+    blockdev_args_named(cfg, names)
         .into_iter()
         .flat_map(|node| ["--blockdev".to_string(), node.to_string()])
         .collect()
@@ -248,6 +345,16 @@ fn keyval(v: &str) -> String {
 /// `<readonly/>`. Fails when a value holds a newline (it could not be passed
 /// one argument per line).
 pub fn qsd_nbd_export(cfg: &DiskConfig, addr: &NbdAddr, name: &str) -> Result<Vec<String>, String> {
+    qsd_nbd_export_named(cfg, &NodeNames::for_disk(cfg), addr, name)
+}
+
+/// [`qsd_nbd_export`] for nodes named by `names`.
+pub fn qsd_nbd_export_named(
+    cfg: &DiskConfig,
+    names: &NodeNames,
+    addr: &NbdAddr,
+    name: &str,
+) -> Result<Vec<String>, String> {
     let server = match addr {
         NbdAddr::Unix(path) => {
             let p = path.to_string_lossy();
@@ -260,7 +367,7 @@ pub fn qsd_nbd_export(cfg: &DiskConfig, addr: &NbdAddr, name: &str) -> Result<Ve
     let export = format!(
         "type=nbd,id=export-{dev},node-name={node},name={name},writable={w}",
         dev = keyval(&cfg.target.dev),
-        node = keyval(&quorum_node_name(cfg)),
+        node = keyval(names.quorum()),
         name = keyval(name),
         w = if cfg.readonly { "off" } else { "on" },
     );

@@ -218,7 +218,7 @@ fn domain_without_quorum_disk_is_an_xml_error() {
 
     assert_eq!(
         e.to_string(),
-        "d.xml:1:1: XML error: no <disk type='quorum'> under <devices> in the domain"
+        "d.xml:1:1: XML error: no <disk type='quorum'> under <devices> in the domain, nor in its <metadata> under namespace 'https://quorum.dev/xmlns/libvirt/1'"
     );
 }
 

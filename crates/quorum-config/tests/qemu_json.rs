@@ -31,9 +31,9 @@ fn raw_replica_is_one_storage_node_named_by_the_quorum() {
     assert_eq!(
         args,
         [
-            json!({"driver": "file", "filename": "/i/a.raw", "node-name": "libvirt-1-storage"}),
-            json!({"driver": "quorum", "node-name": "libvirt-quorum-vda", "vote-threshold": 1,
-                   "read-pattern": "quorum", "children": ["libvirt-1-storage"]}),
+            json!({"driver": "file", "filename": "/i/a.raw", "node-name": "quorum-vda-1-storage"}),
+            json!({"driver": "quorum", "node-name": "quorum-vda", "vote-threshold": 1,
+                   "read-pattern": "quorum", "children": ["quorum-vda-1-storage"]}),
         ]
     );
 }
@@ -44,7 +44,7 @@ fn qcow2_replica_gets_a_format_node_over_its_storage_node() {
 
     assert_eq!(
         args[1],
-        json!({"driver": "qcow2", "node-name": "libvirt-1-format", "file": "libvirt-1-storage"})
+        json!({"driver": "qcow2", "node-name": "quorum-vda-1-format", "file": "quorum-vda-1-storage"})
     );
 }
 
@@ -52,14 +52,14 @@ fn qcow2_replica_gets_a_format_node_over_its_storage_node() {
 fn chain_ending_with_empty_backing_store_writes_backing_null() {
     let args = qemu::blockdev_args(&disk(&file("qcow2", "a.qcow2", "<backingStore/>"), ""));
 
-    assert_eq!(node(&args, "libvirt-1-format")["backing"], Value::Null);
+    assert_eq!(node(&args, "quorum-vda-1-format")["backing"], Value::Null);
 }
 
 #[test]
 fn unspecified_chain_writes_no_backing_key() {
     let args = qemu::blockdev_args(&disk(&file("qcow2", "a.qcow2", ""), ""));
 
-    assert!(node(&args, "libvirt-1-format").get("backing").is_none());
+    assert!(node(&args, "quorum-vda-1-format").get("backing").is_none());
 }
 
 #[test]
@@ -70,8 +70,8 @@ fn raw_backing_layer_is_referenced_by_its_storage_node() {
     ));
 
     assert_eq!(
-        node(&args, "libvirt-2-format")["backing"],
-        "libvirt-1-storage"
+        node(&args, "quorum-vda-2-format")["backing"],
+        "quorum-vda-1-storage"
     );
 }
 
@@ -84,7 +84,7 @@ fn backing_layers_come_first_and_are_read_only() {
 
     assert_eq!(
         args[0],
-        json!({"driver": "file", "filename": "/i/base.raw", "node-name": "libvirt-1-storage", "read-only": true})
+        json!({"driver": "file", "filename": "/i/base.raw", "node-name": "quorum-vda-1-storage", "read-only": true})
     );
 }
 
@@ -94,7 +94,7 @@ fn index_attribute_sets_the_node_number() {
 
     let args = qemu::blockdev_args(&disk(&xml, ""));
 
-    assert_eq!(args[0]["node-name"], "libvirt-7-storage");
+    assert_eq!(args[0]["node-name"], "quorum-vda-7-storage");
 }
 
 #[test]
@@ -145,7 +145,7 @@ fn nbd_tcp_source_becomes_an_inet_server() {
 
     assert_eq!(
         args[0],
-        json!({"driver": "nbd", "node-name": "libvirt-1-storage", "export": "e",
+        json!({"driver": "nbd", "node-name": "quorum-vda-1-storage", "export": "e",
                "server": {"type": "inet", "host": "h", "port": "1234"}})
     );
 }
@@ -168,7 +168,7 @@ fn nbd_tls_names_credentials_after_the_node() {
 
     let args = qemu::blockdev_args(&disk(xml, ""));
 
-    assert_eq!(args[0]["tls-creds"], "libvirt-1-storage-tls0");
+    assert_eq!(args[0]["tls-creds"], "quorum-vda-1-storage-tls0");
 }
 
 #[test]
@@ -185,11 +185,101 @@ fn block_source_uses_host_device() {
 fn quorum_node_name_falls_back_when_the_target_is_long() {
     let xml = format!(
         "<disk type='quorum'><threshold value='1'/>{}<target dev='vdabcdefghijklmnopq'/></disk>",
-        file("raw", "a.raw", "")
+        file("raw", "a.raw", "").replace("type='file'", "type='file' index='4294967295'")
     );
     let cfg = parse_str(&xml, "t.xml", Path::new("/i"), None).unwrap();
 
-    assert_eq!(qemu::quorum_node_name(&cfg), "libvirt-quorum");
+    let args = qemu::blockdev_args(&cfg);
+
+    let quorum = qemu::quorum_node_name(&cfg);
+    assert!(quorum.starts_with("qrm-"), "{quorum}");
+    assert_eq!(quorum, qemu::quorum_node_name(&cfg.clone()), "stable");
+    for a in &args {
+        let name = a["node-name"].as_str().unwrap();
+        assert!(name.len() <= 31, "{name} is longer than QEMU allows");
+        assert!(name.starts_with(&quorum), "{name}");
+    }
+    assert_eq!(args[0]["node-name"], format!("{quorum}-4294967295-storage"));
+}
+
+#[test]
+fn default_node_names_never_take_libvirts_form() {
+    // libvirt names its nodes libvirt-N-storage / libvirt-N-format: QEMU
+    // refuses a domain whose nodes repeat a name ("Duplicate nodes").
+    let xml = format!(
+        "{}{}",
+        file("qcow2", "a.qcow2", &file("raw", "base.raw", "")),
+        file("raw", "b.raw", "")
+    );
+    let args = qemu::blockdev_args(&disk(&xml, ""));
+
+    let names: Vec<&str> = args
+        .iter()
+        .map(|a| a["node-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "quorum-vda-1-storage",
+            "quorum-vda-2-storage",
+            "quorum-vda-2-format",
+            "quorum-vda-3-storage",
+            "quorum-vda"
+        ]
+    );
+    assert!(names.iter().all(|n| !n.starts_with("libvirt")), "{names:?}");
+}
+
+#[test]
+fn two_quorum_disks_of_one_domain_get_distinct_node_names() {
+    let a = disk(&file("raw", "a.raw", ""), "");
+    let mut b = a.clone();
+    b.target.dev = "vdb".into();
+
+    let na: Vec<Value> = qemu::blockdev_args(&a)
+        .iter()
+        .map(|n| n["node-name"].clone())
+        .collect();
+    let nb: Vec<Value> = qemu::blockdev_args(&b)
+        .iter()
+        .map(|n| n["node-name"].clone())
+        .collect();
+
+    assert!(na.iter().all(|n| !nb.contains(n)), "{na:?} {nb:?}");
+}
+
+#[test]
+fn a_chosen_prefix_names_every_node_and_the_export() {
+    let cfg = disk(&file("qcow2", "a.qcow2", ""), "");
+    let names = qemu::NodeNames::with_prefix("mine").unwrap();
+
+    let args = qemu::blockdev_args_named(&cfg, &names);
+    let qsd =
+        qemu::qsd_nbd_export_named(&cfg, &names, &qemu::NbdAddr::Unix("s".into()), "e").unwrap();
+
+    assert_eq!(node(&args, "mine-1-format")["file"], "mine-1-storage");
+    assert_eq!(node(&args, "mine")["children"], json!(["mine-1-format"]));
+    assert!(qsd[3].contains(",node-name=mine,"), "{qsd:?}");
+}
+
+#[test]
+fn a_bad_prefix_is_refused_with_the_reason() {
+    let e = |p: &str| qemu::NodeNames::with_prefix(p).unwrap_err();
+
+    assert!(
+        e("1abc").contains("must start with a letter"),
+        "{}",
+        e("1abc")
+    );
+    assert!(e("a b").contains("must start with a letter"));
+    assert!(
+        e("abcdefghijklm").contains("at most 12 bytes"),
+        "{}",
+        e("abcdefghijklm")
+    );
+    assert!(e("libvirt").contains("clash"));
+    assert!(e("libvirt-x").contains("clash"));
+    assert!(qemu::NodeNames::with_prefix("abcdefghijkl").is_ok());
 }
 
 #[test]
@@ -258,13 +348,13 @@ fn qsd_export_names_the_quorum_node_and_escapes_commas() {
             "--nbd-server",
             "addr.type=unix,addr.path=run/a,,b.sock",
             "--export",
-            "type=nbd,id=export-vda,node-name=libvirt-quorum-vda,name=vda,writable=on",
+            "type=nbd,id=export-vda,node-name=quorum-vda,name=vda,writable=on",
         ]
     );
     assert_eq!(tcp[1], "addr.type=inet,addr.host=127.0.0.1,addr.port=10809");
     assert_eq!(
         tcp[3],
-        "type=nbd,id=export-vda,node-name=libvirt-quorum-vda,name=x,,y,writable=on"
+        "type=nbd,id=export-vda,node-name=quorum-vda,name=x,,y,writable=on"
     );
 }
 

@@ -75,6 +75,16 @@ enum Command {
     Create(cmd::create::Args),
     /// Show replica states, missed writes and write intent from the disk's record.
     Status(cmd::status::Args),
+    /// Convert a domain between `<disk type='quorum'>` and what stock libvirt accepts.
+    Domxml(cmd::domxml::Args),
+    /// Define a domain with `<disk type='quorum'>` disks in libvirt (to-libvirt + virsh define --validate).
+    Define(cmd::define::Args),
+    /// libvirt's qemu hook: start and stop `quorum serve` for a domain's quorum disks.
+    LibvirtHook(cmd::libvirt_hook::Args),
+    /// Attach a `<disk type='quorum'>` to a libvirt domain (starts its daemon with --live).
+    Attach(cmd::hotplug::AttachArgs),
+    /// Detach a quorum disk from a libvirt domain (stops its daemon with --live).
+    Detach(cmd::hotplug::DetachArgs),
 }
 
 fn main() -> ExitCode {
@@ -107,6 +117,11 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
         Command::Status(a) => cmd::status::run(a),
+        Command::Domxml(a) => cmd::domxml::run(a),
+        Command::Define(a) => cmd::define::run(a),
+        Command::LibvirtHook(a) => cmd::libvirt_hook::run(a),
+        Command::Attach(a) => cmd::hotplug::attach(a),
+        Command::Detach(a) => cmd::hotplug::detach(a),
     };
     let code = match result {
         Ok(code) => code,

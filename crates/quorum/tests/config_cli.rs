@@ -242,6 +242,6 @@ fn qemu_args_quotes_paths_with_single_quotes_for_the_shell() {
 
     assert_eq!(
         stdout(&a).lines().next().unwrap(),
-        r#"-blockdev '{"driver":"file","filename":"/i/it'\''s.raw","node-name":"libvirt-1-storage"}'"#
+        r#"-blockdev '{"driver":"file","filename":"/i/it'\''s.raw","node-name":"quorum-vda-1-storage"}'"#
     );
 }

@@ -154,7 +154,7 @@ impl StorageDaemon {
         cmd.arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={}", socket.display()))
             .arg("--export")
-            .arg("type=nbd,id=exp0,node-name=libvirt-quorum-vda,name=vda,writable=on")
+            .arg("type=nbd,id=exp0,node-name=quorum-vda,name=vda,writable=on")
             .current_dir(fx.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -23,7 +23,7 @@ const QSD_RECIPE: &str = "mapfile -t args < <(quorum qemu-args disk.xml --format
                           qemu-storage-daemon \"${args[@]}\"";
 const NBDINFO: &str = "nbdinfo 'nbd+unix:///vda?socket=vda.sock'";
 const VM_RECIPE: &str = "mapfile -t args < <(quorum qemu-args disk.xml --format argv)\n\
-                         qemu-system-x86_64 -display none -monitor stdio \"${args[@]}\" -device virtio-blk-pci,drive=libvirt-quorum-vda";
+                         qemu-system-x86_64 -display none -monitor stdio \"${args[@]}\" -device virtio-blk-pci,drive=quorum-vda";
 const QEMU_IO: &str = "qemu-io \"json:$(quorum qemu-args disk.xml --json)\" -c 'read 0 1M'";
 
 /// Panic unless README.md shows `cmd` as a ```sh block of its own.
@@ -199,7 +199,7 @@ fn readme_qemu_system_recipe_builds_a_vm_disk_on_the_quorum() {
     let mut vm = Group::spawn(bash(VM_RECIPE, dir), dir, Stdio::piped());
     let mut stdin = vm.child.stdin.take().expect("stdin");
     stdin
-        .write_all(b"info block\nqemu-io libvirt-quorum-vda \"read -P 0x5a 0 1M\"\nquit\n")
+        .write_all(b"info block\nqemu-io quorum-vda \"read -P 0x5a 0 1M\"\nquit\n")
         .expect("monitor commands");
     drop(stdin);
     let status = vm.wait(Duration::from_secs(120));
@@ -210,7 +210,7 @@ fn readme_qemu_system_recipe_builds_a_vm_disk_on_the_quorum() {
         "the VM did not quit cleanly ({status:?}):\n{out}"
     );
     assert!(
-        out.contains("libvirt-quorum-vda: json:") && out.contains("\"driver\": \"quorum\""),
+        out.contains("quorum-vda: json:") && out.contains("\"driver\": \"quorum\""),
         "info block shows the quorum node:\n{out}"
     );
     assert!(

@@ -46,7 +46,8 @@ Examples:
   quorum check examples/quorum.xml --repair
   quorum check examples/quorum.xml --json")]
 pub struct Args {
-    /// Quorum disk XML (a <disk> or a <domain>).
+    /// Quorum disk XML (a <disk>, or a <domain> with it in <devices> or in
+    /// quorum's <metadata>; `-` reads standard input).
     pub file: PathBuf,
     /// Which disk of a <domain> (its target dev); default: the first quorum disk.
     #[arg(long, value_name = "DEV")]

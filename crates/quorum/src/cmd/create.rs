@@ -44,7 +44,8 @@ Examples:
   quorum create disk.xml --size 20G --cluster-size 2M
   quorum create disk.xml && quorum serve disk.xml   # replace a lost replica; rebuilt online")]
 pub struct Args {
-    /// Quorum disk XML (a <disk> or a <domain>).
+    /// Quorum disk XML (a <disk>, or a <domain> with it in <devices> or in
+    /// quorum's <metadata>; `-` reads standard input).
     pub file: PathBuf,
     /// Which disk of a <domain> (its target dev); default: the first quorum disk.
     #[arg(long, value_name = "DEV")]

@@ -18,7 +18,8 @@ replicas, target, then the rest; defaults spelled out; image paths absolute.
 Example:
   quorum dumpxml examples/quorum.xml > canonical.xml")]
 pub struct Args {
-    /// The XML file: a `<disk type='quorum'>` or a whole `<domain>`.
+    /// The XML file (`-`: standard input): a `<disk type='quorum'>`, or a whole
+    /// `<domain>` holding it under `<devices>` or in quorum's `<metadata>`.
     pub file: PathBuf,
     /// Pick the disk whose `<target dev=...>` is DEV (default: the first quorum disk).
     #[arg(long, value_name = "DEV")]

@@ -2,7 +2,12 @@
 
 pub mod check;
 pub mod create;
+pub mod daemon;
+pub mod define;
+pub mod domxml;
 pub mod dumpxml;
+pub mod hotplug;
+pub mod libvirt_hook;
 pub mod probe;
 pub mod qemu_args;
 pub mod serve;

@@ -9,8 +9,11 @@ use quorum_config::qemu::{self, NbdAddr};
 
 /// Print QEMU arguments that build this disk with QEMU's quorum driver.
 ///
-/// Nodes follow libvirt's conventions (`libvirt-N-storage` / `libvirt-N-format`,
-/// deepest layer first), ending with the quorum node `libvirt-quorum-DEV`.
+/// Nodes follow libvirt's conventions (a storage and a format node per layer,
+/// deepest layer first) under a prefix of our own, so that they never clash
+/// with the `libvirt-N-storage` / `libvirt-N-format` nodes of a domain's other
+/// disks: `quorum-DEV-N-storage`, `quorum-DEV-N-format`, then the quorum
+/// node `quorum-DEV` (change the prefix with --node-prefix).
 /// `--format argv` and `--format qsd` print one argument per line, to read
 /// into a bash array with `mapfile -t`; `--format shell` (the default) prints
 /// `-blockdev '{...}'` lines to paste into a command line; `--format json`
@@ -30,6 +33,11 @@ Formats:
   json   one nested JSON object, for `qemu-io \"json:...\"` or `qemu-img info \"json:...\"`
          (add -r to qemu-io for a <readonly/> disk). --json is short for --format json.
 
+Node names: every layer N gets `PREFIX-N-storage` (and `PREFIX-N-format` when it is
+qcow2), the quorum node is `PREFIX` itself. PREFIX defaults to `quorum-DEV` (e.g.
+`quorum-vda`), which neither clashes with libvirt's `libvirt-N-storage` nodes nor with a
+second quorum disk of the same VM. QEMU limits node names to 31 bytes.
+
 Examples (bash):
   # qemu-storage-daemon serving the disk over NBD on ./vda.sock
   mapfile -t args < <(quorum qemu-args disk.xml --format qsd --socket vda.sock)
@@ -37,11 +45,12 @@ Examples (bash):
 
   # a VM whose virtio disk is QEMU's quorum of the replicas
   mapfile -t args < <(quorum qemu-args disk.xml --format argv)
-  qemu-system-x86_64 -display none -monitor stdio \"${args[@]}\" -device virtio-blk-pci,drive=libvirt-quorum-vda
+  qemu-system-x86_64 -display none -monitor stdio \"${args[@]}\" -device virtio-blk-pci,drive=quorum-vda
 
   qemu-io -c 'read 0 1M' \"json:$(quorum qemu-args --json disk.xml)\"")]
 pub struct Args {
-    /// The XML file: a `<disk type='quorum'>` or a whole `<domain>`.
+    /// The XML file (`-`: standard input): a `<disk type='quorum'>`, or a whole
+    /// `<domain>` holding it under `<devices>` or in quorum's `<metadata>`.
     pub file: PathBuf,
     /// Pick the disk whose `<target dev=...>` is DEV (default: the first quorum disk).
     #[arg(long, value_name = "DEV")]
@@ -61,6 +70,9 @@ pub struct Args {
     /// With --format qsd: the NBD export name (default: the disk's target dev).
     #[arg(long, value_name = "NAME")]
     pub export: Option<String>,
+    /// Name the nodes PREFIX-N-storage, PREFIX-N-format and PREFIX (default: quorum-DEV).
+    #[arg(long, value_name = "PREFIX", value_parser = qemu::NodeNames::with_prefix)]
+    pub node_prefix: Option<qemu::NodeNames>,
 }
 
 /// `--format` choices.
@@ -91,15 +103,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Some(cfg) = super::validate::load_or_report(&args.file, args.target.as_deref()) else {
         return Ok(ExitCode::from(1));
     };
+    let names = args
+        .node_prefix
+        .unwrap_or_else(|| qemu::NodeNames::for_disk(&cfg));
     match format {
         Format::Json => println!("{}", qemu::nested_json(&cfg)),
         Format::Shell => {
-            for node in qemu::blockdev_args(&cfg) {
+            for node in qemu::blockdev_args_named(&cfg, &names) {
                 println!("-blockdev {}", shell_quote(&node.to_string()));
             }
         }
         Format::Argv | Format::Qsd => {
-            let mut lines = qemu::argv(&cfg);
+            let mut lines = qemu::argv_named(&cfg, &names);
             if format == Format::Qsd {
                 let addr = match (&args.socket, args.listen) {
                     (Some(p), _) => NbdAddr::Unix(p.clone()),
@@ -113,7 +128,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     },
                 };
                 let name = args.export.as_deref().unwrap_or(&cfg.target.dev);
-                lines.extend(qemu::qsd_nbd_export(&cfg, &addr, name).map_err(anyhow::Error::msg)?);
+                lines.extend(
+                    qemu::qsd_nbd_export_named(&cfg, &names, &addr, name)
+                        .map_err(anyhow::Error::msg)?,
+                );
             }
             for l in lines {
                 println!("{l}");

@@ -38,7 +38,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Quorum disk XML (a <disk> or a <domain>).
+    /// Quorum disk XML (a <disk>, or a <domain> with it in <devices> or in
+    /// quorum's <metadata>; `-` reads standard input).
     pub file: PathBuf,
     /// Which disk of a <domain> (its target dev); default: the first quorum disk.
     #[arg(long, value_name = "DEV")]
@@ -64,6 +65,17 @@ pub struct Args {
     /// Write the daemon's PID here once it accepts clients.
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
+    /// Run in the background: exit 0 once the socket listens (non-zero with
+    /// the error otherwise), as qemu-storage-daemon --daemonize does. stdout
+    /// goes to /dev/null, stderr too unless it is a file (`2>>serve.log`).
+    #[arg(long)]
+    pub daemonize: bool,
+    /// With --socket: the socket's permission bits, in octal (e.g. 0660).
+    #[arg(long, value_name = "MODE", value_parser = super::daemon::parse_mode, requires = "socket")]
+    pub socket_mode: Option<u32>,
+    /// With --socket: its owner, USER[:GROUP] or +UID[:+GID] (e.g. libvirt-qemu:kvm).
+    #[arg(long, value_name = "OWNER", value_parser = super::daemon::parse_owner, requires = "socket")]
+    pub socket_owner: Option<super::daemon::Owner>,
     /// Vote on whole requests, as QEMU's driver does, instead of per 4 KiB block.
     #[arg(long)]
     pub whole_request_vote: bool,
@@ -205,6 +217,9 @@ impl Backend for DiskBackend {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(code) = super::daemon::daemonize_if(args.daemonize)? {
+        return Ok(code);
+    }
     crate::output::init_serve_logging();
     let cfg = load_disk(&args.file, args.target.as_deref())?;
     super::validate::log_threshold_warning(&cfg);
@@ -275,6 +290,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             std::fs::write(p, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write pid file {}", p.display()))?;
         }
+        super::daemon::ready(args.socket.as_deref(), args.socket_mode, args.socket_owner)?;
         // Nobody may be reading stdout: the text is lost, serving goes on.
         let mut out = crate::output::lossy_stdout();
         let _ = writeln!(out, "quorum: serving {name} ({summary}) at {uri}");

@@ -1,13 +1,45 @@
 //! Helpers shared by subcommands.
 
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use quorum_config::DiskConfig;
+use quorum_config::{ConfigError, ConfigErrors, DiskConfig, ErrorKind, Loaded};
 
-/// Load and validate a disk; errors print as libvirt-style lines.
+/// The label errors carry for a document read from standard input (`-`).
+pub const STDIN_LABEL: &str = "<stdin>";
+
+/// Read and validate the disk in `file`: a `<disk>`, a `<domain>` (with the
+/// disk under `<devices>` or in quorum's `<metadata>`), or `-` for standard
+/// input (relative paths then resolve against the current folder). Notes on
+/// what was ignored go to stderr.
+pub fn read_disk(file: &Path, target: Option<&str>) -> Result<Loaded, ConfigErrors> {
+    let loaded = if file.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut bytes)
+            .map_err(|e| ConfigError {
+                file: STDIN_LABEL.into(),
+                line: 0,
+                col: 0,
+                kind: ErrorKind::Io,
+                message: e.to_string(),
+            })?;
+        quorum_config::parse_bytes(&bytes, STDIN_LABEL, Path::new("."), target)?
+    } else {
+        quorum_config::load_full(file, target)?
+    };
+    for n in &loaded.notes {
+        eprintln!("{n}");
+    }
+    Ok(loaded)
+}
+
+/// Load and validate a disk ([`read_disk`]); errors print as libvirt-style lines.
 pub fn load_disk(file: &Path, target: Option<&str>) -> anyhow::Result<DiskConfig> {
-    quorum_config::load(file, target)
+    read_disk(file, target)
+        .map(|l| l.disk)
         .map_err(|errs| anyhow::anyhow!("{}", errs.to_string().trim_end()))
 }
 

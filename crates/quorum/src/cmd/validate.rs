@@ -30,10 +30,17 @@ A threshold that is not a majority of the replicas (2 of 4, 2 of 5) is valid but
 warned about on stderr (exit status 0): a write acknowledged by T replicas can be
 outvoted later by the replicas that missed it. `quorum serve` logs the same warning.
 
-Example:
-  quorum validate examples/quorum.xml --target vda")]
+A <domain> may hold the disk as libvirt never could, under <devices>, or as stock libvirt
+keeps it: in <metadata>, under quorum's namespace (see `quorum domxml --help`). Elements
+that only concern the guest or QEMU (<address>, <boot order>, driver cache/io/discard, ...)
+are accepted and ignored, each with a `note:` line on stderr.
+
+Examples:
+  quorum validate examples/quorum.xml --target vda
+  virsh dumpxml vm | quorum validate - --target vda")]
 pub struct Args {
-    /// The XML file: a `<disk type='quorum'>` or a whole `<domain>`.
+    /// The XML file (`-`: standard input): a `<disk type='quorum'>`, or a whole
+    /// `<domain>` holding it under `<devices>` or in quorum's `<metadata>`.
     pub file: PathBuf,
     /// Pick the disk whose `<target dev=...>` is DEV (default: the first quorum disk).
     #[arg(long, value_name = "DEV")]
@@ -46,8 +53,8 @@ pub struct Args {
 
 /// Load `file`; on failure print every error line on stderr and return `None`.
 pub(crate) fn load_or_report(file: &Path, target: Option<&str>) -> Option<DiskConfig> {
-    match quorum_config::load(file, target) {
-        Ok(cfg) => Some(cfg),
+    match super::util::read_disk(file, target) {
+        Ok(loaded) => Some(loaded.disk),
         Err(errors) => {
             eprintln!("{errors}");
             None
