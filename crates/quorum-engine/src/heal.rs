@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use quorum_vote::{Copy, Granularity, Mask, Verdict, vote_read, vote_reconcile};
 
+use crate::events::{Counters, Event, OpType, sectors};
 use crate::membership::{Members, ReplicaState, is_unreachable};
 use crate::record::{Record, RecordError};
 
@@ -429,6 +430,23 @@ impl Members {
                         let data = bufs[b.source].as_ref().expect("winner was read");
                         let data = data[b.start..b.start + b.len].to_vec();
                         for j in (0..n).filter(|j| b.dissent & (1 << j) != 0) {
+                            if compare_only {
+                                // Outvoted where nothing was in flight: a
+                                // corruption, reported as a read vote is.
+                                let (sector_num, sectors_count) =
+                                    sectors(at + b.start as u64, b.len as u64);
+                                Counters::add(
+                                    &self.slots[j].counters.voted_out_bytes,
+                                    b.len as u64,
+                                );
+                                self.events.emit(Event::ReportBad {
+                                    op: OpType::Read,
+                                    error: None,
+                                    node_name: self.slots[j].name.clone(),
+                                    sector_num,
+                                    sectors_count,
+                                });
+                            }
                             match self.slots[j].replica().write_at(
                                 &data,
                                 at + b.start as u64,

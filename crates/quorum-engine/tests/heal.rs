@@ -245,3 +245,22 @@ fn clean_close_leaves_no_dirty_region_and_reopens_in_sync() {
         (true, 0, true, vec![0, 0, 0])
     );
 }
+
+#[test]
+fn first_comparison_reports_and_repairs_a_replica_corrupted_before_the_record_existed() {
+    let set = Set::new(3);
+    set.mems[1].write_at(&[0xee; 4096], 2 << 20, false).unwrap();
+    let d = set.open(2);
+    // The first read of the region compares it (a fresh record knows none);
+    // the healer may get there first. Either way it is counted as a vote
+    // lost (and sent as QUORUM_REPORT_BAD), and repaired.
+    let data = read(&d, 2 << 20, 4096);
+    assert_eq!(
+        (
+            data == [OLD; 4096],
+            d.stats()[1].voted_out_bytes,
+            set.mems[1].contents()[2 << 20..(2 << 20) + 4096] == [OLD; 4096]
+        ),
+        (true, 4096, true)
+    );
+}
