@@ -78,8 +78,11 @@ fn start_fio(uri: &str, dir: &Path) -> Child {
             "--runtime=120",
             "--verify=crc32c",
             "--do_verify=0",
+            // Nothing to replay after the kill: no verify state file.
+            "--verify_state_save=0",
         ])
         .arg(format!("--directory={}", dir.display()))
+        .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
