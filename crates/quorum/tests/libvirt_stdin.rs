@@ -4,11 +4,10 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use support::{Disk, Format, Options, QUORUM, state_dir};
+use support::{Disk, Format, Options, QUORUM};
 
 const MIB: u64 = 1 << 20;
 const NS: &str = "https://quorum.dev/xmlns/libvirt/1";
@@ -34,49 +33,11 @@ fn domain_xml(disk: &Disk) -> String {
 
 /// Run quorum with `args`, `input` on its stdin; bounded.
 fn quorum_stdin(args: &[&str], input: &str) -> support::Output {
-    let mut child = Command::new(QUORUM)
-        .env("QUORUM_STATE_DIR", state_dir())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start quorum");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let input = input.to_string();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("quorum {args:?} did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    writer.join().expect("writer");
-    support::Output {
-        code: status.code(),
-        stdout: t_out.join().expect("stdout"),
-        stderr: t_err.join().expect("stderr"),
-    }
+    support::run_with_input(
+        Command::new(QUORUM).args(args),
+        Some(input),
+        Duration::from_secs(60),
+    )
 }
 
 #[test]

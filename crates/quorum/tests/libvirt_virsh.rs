@@ -8,12 +8,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use support::{QUORUM, require, state_dir};
+use support::{QUORUM, require};
 
 /// The test driver keeps its domains per process: define and dumpxml run
 /// in one virsh.
@@ -27,49 +26,11 @@ fn testdata(name: &str) -> PathBuf {
 
 /// Run `program args` with `input` on stdin, bounded.
 fn run_with_stdin(program: &Path, args: &[&str], input: &str) -> support::Output {
-    let mut child = Command::new(program)
-        .env("QUORUM_STATE_DIR", state_dir())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-    let mut stdin = child.stdin.take().expect("stdin");
-    let input = input.to_string();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{} {args:?} did not finish within 60 s", program.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    writer.join().expect("writer");
-    support::Output {
-        code: status.code(),
-        stdout: t_out.join().expect("stdout"),
-        stderr: t_err.join().expect("stderr"),
-    }
+    support::run_with_input(
+        Command::new(program).args(args),
+        Some(input),
+        Duration::from_secs(60),
+    )
 }
 
 /// `quorum domxml to-libvirt proposal.xml`, written to a temp file.

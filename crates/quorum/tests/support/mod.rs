@@ -84,16 +84,33 @@ impl std::fmt::Display for Output {
 /// Run `cmd` with `timeout`, capturing stdout and stderr. Panics (after
 /// killing it) if it runs past the timeout.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    run_with_input(cmd, None, timeout)
+}
+
+/// As [`run_timeout`], with `input` written to its stdin (then closed);
+/// `None` gives it no stdin.
+pub fn run_with_input(cmd: &mut Command, input: Option<&str>, timeout: Duration) -> Output {
     if cmd.get_program() == QUORUM {
         cmd.env("QUORUM_STATE_DIR", state_dir());
     }
     let desc = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+    let writer = input.map(|text| {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let text = text.to_owned();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(text.as_bytes());
+        })
+    });
     let mut out = child.stdout.take().expect("piped stdout");
     let mut err = child.stderr.take().expect("piped stderr");
     let t_out = std::thread::spawn(move || {
@@ -112,6 +129,9 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         let _ = child.wait();
         panic!("{desc} did not finish within {timeout:?}");
     };
+    if let Some(w) = writer {
+        w.join().expect("stdin writer");
+    }
     let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout reader")).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr reader")).into_owned();
     Output {
