@@ -265,10 +265,11 @@ impl Heal {
     }
 
     /// Replicas that missed something in `[offset, offset + len)`.
-    pub(crate) fn missed_mask(&self, n: usize, offset: u64, len: u64) -> Mask {
+    /// Those of `candidates` that missed something in `[offset, offset + len)`.
+    pub(crate) fn missed_mask(&self, candidates: Mask, offset: u64, len: u64) -> Mask {
         let chunks = self.chunks(offset, len);
-        (0..n)
-            .filter(|&i| self.record.missed_any(i, chunks.clone()))
+        (0..Mask::BITS as usize)
+            .filter(|&i| candidates & (1 << i) != 0 && self.record.missed_any(i, chunks.clone()))
             .fold(0, |m, i| m | 1 << i)
     }
 
@@ -342,7 +343,8 @@ impl Members {
             .enumerate()
             .filter(|(_, s)| !matches!(s.state(), ReplicaState::InSync | ReplicaState::Failed))
             .fold(0, |m: Mask, (i, _)| m | 1 << i);
-        h.missed_mask(self.slots.len(), offset, len) & lagging
+        // Only lagging replicas are looked up: no record lock for the others.
+        h.missed_mask(lagging, offset, len)
     }
 
     /// Record (durably, one sync) that for each `(mask, offset, len)` the

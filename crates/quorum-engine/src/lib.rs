@@ -28,9 +28,7 @@ pub use disk::{
 };
 pub use events::{Event, OpType, ReplicaStats, sectors};
 pub use membership::{Reopen, ReplicaState};
-pub use open::{
-    CHUNK, OpenError, OpenOptions, REGION, error_chain, identity_of, open, options_from_config,
-};
+pub use open::{CHUNK, OpenError, OpenOptions, REGION, identity_of, open, options_from_config};
 pub use pool::{AlignedBuf, BufPool};
 pub use quorum_replica::FileRegion;
 pub use quorum_vote::{Granularity, Mask};

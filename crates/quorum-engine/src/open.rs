@@ -109,22 +109,6 @@ pub fn options_from_config(cfg: &DiskConfig, opts: &OpenOptions) -> Options {
     }
 }
 
-/// An error and its causes, each once, joined by ": ".
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        // Some errors still print their source themselves; don't repeat it.
-        if !out.ends_with(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
-}
-
 /// Open the replicas of `cfg` and assemble the disk. Replica `i` is named
 /// `replica-i` in events. Replicas that cannot be opened are reported in
 /// the log and left failed, as long as `threshold` others opened.
@@ -191,13 +175,13 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
                 },
                 Err(e) => {
                     let src = src.clone();
-                    let why = error_chain(&e);
+                    let why = quorum_replica::chain(&e);
                     let hint = e.hint();
                     let reopen: Option<crate::Reopen> = opts.retry_missing.then(|| {
                         Box::new(move || {
                             quorum_replica::open(&src, &ropts)
                                 .map(|r| (r, identity_of(&src)))
-                                .map_err(|e| error_chain(&e))
+                                .map_err(|e| quorum_replica::chain(&e))
                         }) as crate::Reopen
                     });
                     Member {
