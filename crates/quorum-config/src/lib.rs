@@ -121,3 +121,32 @@ pub fn parse_str_full(
 ) -> Result<Loaded, ConfigErrors> {
     parse::parse(text, file_label, base_dir, target, false)
 }
+
+/// Parse one `<backingStore>` element given alone (how a replica is named
+/// when it is added to, or replaces one of, a running disk). Relative image
+/// paths resolve against `base_dir`. Exactly one replica must be given.
+pub fn parse_backing_store(
+    text: &str,
+    file_label: &str,
+    base_dir: &Path,
+) -> Result<model::StorageSource, ConfigErrors> {
+    // The fragment is checked by the same grammar as in a disk: wrap it in
+    // the smallest valid disk around it (line numbers stay those of `text`,
+    // since the wrapper adds no line before it).
+    let doc = format!(
+        "<disk type='quorum' device='disk'><threshold value='1'/>{text}\n<target dev='vda'/></disk>"
+    );
+    let disk = parse::parse(&doc, file_label, base_dir, None, false)?.disk;
+    let n = disk.replicas.len();
+    if n != 1 {
+        return Err(ConfigError {
+            file: file_label.to_string(),
+            line: 1,
+            col: 1,
+            kind: ErrorKind::InvalidArg,
+            message: format!("expected exactly one <backingStore>, found {n}"),
+        }
+        .into());
+    }
+    Ok(disk.replicas.into_iter().next().expect("one replica"))
+}

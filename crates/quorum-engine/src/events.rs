@@ -86,6 +86,33 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A replica's resync (or full rebuild) finished: it is in-sync again.
+    #[serde(rename = "QUORUM_RESYNC_COMPLETED")]
+    ResyncCompleted {
+        /// The replica's node name.
+        #[serde(rename = "node-name")]
+        node_name: String,
+        /// Bytes copied to it by this resync.
+        bytes: u64,
+    },
+    /// An online scrub ended (finished, cancelled, or stopped by an error).
+    #[serde(rename = "QUORUM_SCRUB_COMPLETED")]
+    ScrubCompleted {
+        /// Whether minority blocks were rewritten.
+        repair: bool,
+        /// `completed`, `cancelled` or `failed`.
+        status: String,
+        /// Bytes of the disk scanned.
+        #[serde(rename = "scanned-bytes")]
+        scanned_bytes: u64,
+        /// Divergent ranges found.
+        divergent: u64,
+        /// Of those, ranges repaired.
+        repaired: u64,
+        /// Of those, ranges without a majority (never repaired).
+        #[serde(rename = "no-quorum")]
+        no_quorum: u64,
+    },
     /// blkverify found the two replicas different; the read failed.
     #[serde(rename = "QUORUM_BLKVERIFY_MISMATCH")]
     BlkverifyMismatch {
@@ -131,7 +158,9 @@ impl Event {
             Event::BlkverifyMismatch { reference, .. } => {
                 Some(format!("QUORUM_BLKVERIFY_MISMATCH {reference}"))
             }
-            Event::ReplicaState { .. } => None,
+            Event::ReplicaState { .. }
+            | Event::ResyncCompleted { .. }
+            | Event::ScrubCompleted { .. } => None,
         }
     }
 
@@ -198,6 +227,34 @@ impl Event {
                     sector_num,
                     sectors_count,
                     "no quorum"
+                );
+            }
+            Event::ResyncCompleted { node_name, bytes } => {
+                tracing::info!(
+                    event = "QUORUM_RESYNC_COMPLETED",
+                    node_name = %node_name,
+                    bytes,
+                    "replica {node_name} is resynced ({} MiB copied)",
+                    bytes >> 20
+                );
+            }
+            Event::ScrubCompleted {
+                repair,
+                status,
+                scanned_bytes,
+                divergent,
+                repaired,
+                no_quorum,
+            } => {
+                tracing::info!(
+                    event = "QUORUM_SCRUB_COMPLETED",
+                    repair,
+                    status = %status,
+                    scanned_bytes,
+                    divergent,
+                    repaired,
+                    no_quorum,
+                    "scrub {status}: {divergent} divergent range(s), {repaired} repaired, {no_quorum} without quorum"
                 );
             }
             Event::BlkverifyMismatch {
@@ -315,6 +372,55 @@ pub(crate) struct Counters {
     pub(crate) skipped: AtomicU64,
 }
 
+/// Upper bounds (nanoseconds) of the latency histogram buckets: powers of
+/// two from 1 us to about 8.6 s; a last, unbounded bucket follows.
+pub const LATENCY_BOUNDS_NS: [u64; 24] = {
+    let mut b = [0u64; 24];
+    let mut i = 0;
+    while i < 24 {
+        b[i] = 1024 << i;
+        i += 1;
+    }
+    b
+};
+
+/// A latency histogram, as counted so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Latency {
+    /// Operations timed.
+    pub count: u64,
+    /// Sum of their latencies, in nanoseconds.
+    pub sum_ns: u64,
+    /// Operations per bucket (not cumulative): `LATENCY_BOUNDS_NS.len() + 1`
+    /// entries, the last for latencies above every bound.
+    pub buckets: Vec<u64>,
+}
+
+impl Latency {
+    /// Mean latency in nanoseconds (`None` before the first operation).
+    pub fn mean_ns(&self) -> Option<u64> {
+        (self.count > 0).then(|| self.sum_ns / self.count)
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (0..=1), in
+    /// nanoseconds: an upper estimate, at most twice the true value.
+    /// `None` before the first operation; `u64::MAX` for the last bucket.
+    pub fn quantile_ns(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((self.count as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(LATENCY_BOUNDS_NS.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
+    }
+}
+
 /// A snapshot of one replica's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ReplicaStats {
@@ -338,6 +444,20 @@ pub struct ReplicaStats {
     pub rewrite_errors: u64,
     /// Requests that went without this replica because it was failed.
     pub skipped: u64,
+    /// Reads asked of this replica.
+    pub reads: u64,
+    /// Writes, write-zeroes and discards asked of it.
+    pub writes: u64,
+    /// Flushes asked of it.
+    pub flushes: u64,
+    /// Requests that timed out on it.
+    pub timeouts: u64,
+    /// Latency of its reads.
+    pub read_latency: Latency,
+    /// Latency of its writes, write-zeroes and discards.
+    pub write_latency: Latency,
+    /// Latency of its flushes.
+    pub flush_latency: Latency,
 }
 
 impl Counters {
@@ -358,6 +478,7 @@ impl Counters {
             rewritten_bytes: g(&self.rewritten_bytes),
             rewrite_errors: g(&self.rewrite_errors),
             skipped: g(&self.skipped),
+            ..ReplicaStats::default()
         }
     }
 }

@@ -23,12 +23,14 @@ mod range_lock;
 pub mod record;
 
 pub use disk::{
-    BuildError, Disk, Divergence, IoError, Member, Options, ReadPattern, Tracking, merge_status,
-    strerror,
+    BuildError, ControlError, Disk, DiskStats, Divergence, IoError, Member, Options, ReadPattern,
+    ReplicaInfo, ScrubProgress, ScrubState, Tracking, merge_status, strerror,
 };
-pub use events::{Event, OpType, ReplicaStats, sectors};
+pub use events::{Event, LATENCY_BOUNDS_NS, Latency, OpType, ReplicaStats, sectors};
 pub use membership::{Reopen, ReplicaState};
-pub use open::{CHUNK, OpenError, OpenOptions, REGION, identity_of, open, options_from_config};
+pub use open::{
+    CHUNK, OpenError, OpenOptions, REGION, identity_of, open, open_member, options_from_config,
+};
 pub use pool::{AlignedBuf, BufPool};
 pub use quorum_replica::FileRegion;
 pub use quorum_vote::{Granularity, Mask};

@@ -114,15 +114,7 @@ pub fn options_from_config(cfg: &DiskConfig, opts: &OpenOptions) -> Options {
 /// the log and left failed, as long as `threshold` others opened.
 pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
     let options = options_from_config(cfg, opts);
-    let ropts = quorum_replica::OpenOptions {
-        read_only: options.read_only,
-        no_locking: opts.no_locking,
-        nbd_timeout: opts.replica_timeout,
-        // A corrupt qcow2 replica is refused (the disk starts without it)
-        // rather than opened to refuse writes: it would miss every write.
-        refuse_corrupt: !options.read_only,
-        ..Default::default()
-    };
+    let ropts = replica_options(opts, options.read_only);
     let opened: Vec<Result<Box<dyn quorum_replica::Replica>, quorum_replica::OpenError>> = cfg
         .replicas
         .iter()
@@ -167,6 +159,7 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
             let name = format!("replica-{index}");
             match opened {
                 Ok(r) => Member {
+                    uri: src.display_name(),
                     name,
                     replica: Ok(r),
                     reopen: None,
@@ -174,6 +167,7 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
                     hint: None,
                 },
                 Err(e) => {
+                    let uri = src.display_name();
                     let src = src.clone();
                     let why = quorum_replica::chain(&e);
                     let hint = e.hint();
@@ -185,6 +179,7 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
                         }) as crate::Reopen
                     });
                     Member {
+                        uri,
                         name,
                         replica: Err(why),
                         reopen,
@@ -201,6 +196,38 @@ pub fn open(cfg: &DiskConfig, opts: &OpenOptions) -> Result<Disk, OpenError> {
         _ => None,
     };
     Ok(Disk::assemble_tracked(members, options, tracking)?)
+}
+
+/// How replicas of a disk opened with `opts` are opened.
+fn replica_options(opts: &OpenOptions, read_only: bool) -> quorum_replica::OpenOptions {
+    quorum_replica::OpenOptions {
+        read_only,
+        no_locking: opts.no_locking,
+        nbd_timeout: opts.replica_timeout,
+        // A corrupt qcow2 replica is refused (the disk starts without it)
+        // rather than opened to refuse writes: it would miss every write.
+        refuse_corrupt: !read_only,
+        ..Default::default()
+    }
+}
+
+/// Open one replica to add to, or replace one of, a running disk that was
+/// opened with `opts` (locked as the others are). `name` is its node name.
+pub fn open_member(
+    src: &StorageSource,
+    name: String,
+    opts: &OpenOptions,
+    read_only: bool,
+) -> Result<Member, quorum_replica::OpenError> {
+    let r = quorum_replica::open(src, &replica_options(opts, read_only))?;
+    Ok(Member {
+        name,
+        uri: src.display_name(),
+        replica: Ok(r),
+        reopen: None,
+        identity: identity_of(src),
+        hint: None,
+    })
 }
 
 fn open_record(

@@ -52,6 +52,7 @@ impl Set {
             .map(|(i, (m, p))| {
                 let inner: Arc<dyn Replica> = m.clone();
                 Member {
+                    uri: format!("mem:{i}"),
                     name: format!("r{i}"),
                     replica: Ok(Box::new(FaultyReplica::with_plan(inner, p.clone()))),
                     reopen: None,

@@ -30,6 +30,7 @@ fn faulty(plan: &FaultPlan) -> Box<dyn Replica> {
 
 fn opened(name: &str, r: Box<dyn Replica>) -> Member {
     Member {
+        uri: name.into(),
         name: name.into(),
         replica: Ok(r),
         reopen: None,
@@ -40,6 +41,7 @@ fn opened(name: &str, r: Box<dyn Replica>) -> Member {
 
 fn missing(name: &str, why: &str) -> Member {
     Member {
+        uri: name.into(),
         name: name.into(),
         replica: Err(why.into()),
         reopen: None,
@@ -225,6 +227,7 @@ fn replica_that_opens_late_joins_through_its_reopen() {
         vec![
             opened("a", mem()),
             Member {
+                uri: "test".into(),
                 name: "b".into(),
                 replica: Err("b.raw: not there yet".into()),
                 reopen: Some(Box::new(move || {
@@ -259,6 +262,7 @@ fn replica_that_opens_late_with_another_size_stays_failed() {
         vec![
             opened("a", mem()),
             Member {
+                uri: "test".into(),
                 name: "b".into(),
                 replica: Err("b.raw: not there yet".into()),
                 reopen: Some(Box::new(|| Ok((Box::new(MemReplica::new(4096)), 0)))),

@@ -13,6 +13,7 @@
 //!  scrub.rs   scrub: read_and_vote ─▶ Divergence list (─▶ rewrite with repair)
 //! ```
 
+mod control;
 mod fanout;
 mod read;
 mod scrub;
@@ -31,6 +32,7 @@ use crate::membership::{Members, Reopen, ReplicaState, Slot};
 use crate::pool::BufPool;
 use crate::record::Record;
 
+pub use control::{ControlError, DiskStats, ReplicaInfo, ScrubProgress, ScrubState};
 pub use quorum_config::ReadPattern;
 pub use scrub::Divergence;
 pub use status::merge_status;
@@ -115,6 +117,8 @@ pub fn strerror(errno: i32) -> String {
 pub struct Member {
     /// Node name in events (`replica-0`, ...).
     pub name: String,
+    /// Where it is, for people: a file path or an NBD URI.
+    pub uri: String,
     /// The opened replica, or why it could not be opened.
     pub replica: Result<Box<dyn Replica>, String>,
     /// How to open it again later (for one that could not be opened).
@@ -225,6 +229,7 @@ impl Disk {
         let members = replicas
             .into_iter()
             .map(|(name, replica)| Member {
+                uri: name.clone(),
                 name,
                 replica: Ok(replica),
                 reopen: None,

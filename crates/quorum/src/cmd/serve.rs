@@ -132,7 +132,8 @@ pub enum Sendfile {
 
 /// The engine as an NBD backend.
 struct DiskBackend {
-    disk: Disk,
+    /// Shared with the monitor and the metrics endpoint.
+    disk: Arc<Disk>,
     /// Moving average of small-request latency, in nanoseconds.
     small_ns: AtomicU64,
 }
@@ -146,7 +147,7 @@ const SMALL: usize = 64 << 10;
 const FAST_NS: u64 = 50_000;
 
 impl DiskBackend {
-    fn new(disk: Disk) -> Self {
+    fn new(disk: Arc<Disk>) -> Self {
         DiskBackend {
             disk,
             small_ns: AtomicU64::new(0),
@@ -272,7 +273,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             disk.replica_count()
         ));
     }
-    let backend = Arc::new(DiskBackend::new(disk));
+    let disk = Arc::new(disk);
+    let backend = Arc::new(DiskBackend::new(disk.clone()));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(network_threads())

@@ -1,0 +1,192 @@
+//! The control plane's view of a running disk: per-replica information,
+//! disk-wide counters, membership changes (replace, add, remove), the
+//! resync rate, and the online scrub job.
+//!
+//! These are the calls the monitor (`quorum serve --qmp`) and the metrics
+//! endpoint make; everything they return is a snapshot.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Disk, Divergence, Member};
+use crate::events::Latency;
+use crate::membership::ReplicaState;
+
+/// What the control plane shows of one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    /// Node name (`replica-0`, ...).
+    pub name: String,
+    /// Where it is: a file path or an NBD URI.
+    pub uri: String,
+    /// Its state.
+    pub state: ReplicaState,
+    /// Why it is failed (empty otherwise).
+    pub reason: String,
+    /// Bytes it missed, as the record has them (`None` without tracking).
+    pub missed_bytes: Option<u64>,
+    /// Resync progress in percent while stale, new or resyncing; `None`
+    /// when there is nothing to resync (or no tracking).
+    pub resync_progress: Option<u8>,
+}
+
+/// Disk-wide request counters: what the disk's clients asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DiskStats {
+    /// Reads.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Writes, write-zeroes and discards.
+    pub writes: u64,
+    /// Bytes written (write-zeroes and discards count their length).
+    pub written_bytes: u64,
+    /// Flushes.
+    pub flushes: u64,
+    /// Requests that failed (no quorum, or every replica failed).
+    pub failed: u64,
+    /// Read latency.
+    pub read_latency: Latency,
+    /// Write latency.
+    pub write_latency: Latency,
+    /// Flush latency.
+    pub flush_latency: Latency,
+}
+
+/// Why a control request was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No replica has that name.
+    #[error("no replica named '{0}'")]
+    NotFound(String),
+    /// Refused: doing it would be unsafe, or the disk cannot (read-only,
+    /// another scrub is running, ...). The message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// Tried, and failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How an online scrub stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScrubState {
+    /// No scrub has run since the disk opened.
+    None,
+    /// Running.
+    Running,
+    /// Scanned the whole disk.
+    Completed,
+    /// Cancelled before the end.
+    Cancelled,
+    /// Stopped by an error (the disk closed, or a request failed).
+    Failed,
+}
+
+/// The current (or last) online scrub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubProgress {
+    /// Where it stands.
+    pub state: ScrubState,
+    /// Whether minority blocks are rewritten.
+    pub repair: bool,
+    /// Rate limit in bytes per second (0: none).
+    pub rate: u64,
+    /// Bytes of the disk to scan.
+    pub total_bytes: u64,
+    /// Bytes scanned so far.
+    pub done_bytes: u64,
+    /// Divergent ranges found so far, in disk order.
+    pub divergences: Vec<Divergence>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl Disk {
+    /// Each replica, in order, as the control plane shows it.
+    pub fn replicas_info(&self) -> Vec<ReplicaInfo> {
+        let missed = self.missed_bytes();
+        self.slots()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ReplicaInfo {
+                name: s.name.clone(),
+                uri: String::new(),
+                state: s.state(),
+                reason: s.reason(),
+                missed_bytes: missed.as_ref().map(|m| m[i]),
+                resync_progress: None,
+            })
+            .collect()
+    }
+
+    /// Disk-wide request counters.
+    pub fn disk_stats(&self) -> DiskStats {
+        DiskStats::default()
+    }
+
+    /// Replace replica `name` by `new` while the disk serves: `new` is
+    /// locked and taken in as `new` (every chunk missed, never read or
+    /// voted) and rebuilt in the background; the old replica is released.
+    pub fn replace_replica(&self, name: &str, new: Member) -> Result<(), ControlError> {
+        let _ = new;
+        Err(ControlError::Refused(format!(
+            "replacing {name}: not implemented yet"
+        )))
+    }
+
+    /// Add `new` as one more replica, rebuilt in full in the background.
+    /// Returns its node name.
+    pub fn add_replica(&self, new: Member) -> Result<String, ControlError> {
+        let _ = new;
+        Err(ControlError::Refused("adding: not implemented yet".into()))
+    }
+
+    /// Remove replica `name` (refused if fewer replicas than the threshold
+    /// needs would be left).
+    pub fn remove_replica(&self, name: &str) -> Result<(), ControlError> {
+        Err(ControlError::Refused(format!(
+            "removing {name}: not implemented yet"
+        )))
+    }
+
+    /// Set the resync rate limit, in bytes per second (0: none).
+    pub fn set_resync_rate(&self, bytes_per_second: u64) {
+        let _ = bytes_per_second;
+    }
+
+    /// The resync rate limit, in bytes per second (0: none).
+    pub fn resync_rate(&self) -> u64 {
+        0
+    }
+
+    /// Start an online scrub of the whole disk, at most `rate` bytes per
+    /// second (0: none); with `repair`, rewrite minority blocks. Refused
+    /// while another runs.
+    pub fn start_scrub(self: &Arc<Self>, repair: bool, rate: u64) -> Result<(), ControlError> {
+        let _ = (repair, rate);
+        Err(ControlError::Refused(
+            "online scrub: not implemented yet".into(),
+        ))
+    }
+
+    /// The current (or last) online scrub.
+    pub fn scrub_progress(&self) -> ScrubProgress {
+        ScrubProgress {
+            state: ScrubState::None,
+            repair: false,
+            rate: 0,
+            total_bytes: self.size,
+            done_bytes: 0,
+            divergences: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Cancel the running scrub; false if none runs.
+    pub fn cancel_scrub(&self) -> bool {
+        false
+    }
+}
