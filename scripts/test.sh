@@ -10,7 +10,7 @@ for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
             qemu-storage-daemon:qemu-utils \
             nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdkit:nbdkit fio:fio \
             virsh:libvirt-clients virt-xml-validate:libvirt-clients \
-            xmllint:libxml2-utils systemd-analyze:systemd; do
+            xmllint:libxml2-utils systemd-analyze:systemd promtool:prometheus; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 # nbdsh is a python module on Debian's python3, not on any other python.

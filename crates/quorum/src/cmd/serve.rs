@@ -105,6 +105,12 @@ pub struct Args {
     /// of a page cache, or of a 10 Gbit/s link, to the guest.
     #[arg(long, value_name = "RATE", value_parser = parse_size, default_value = "200M")]
     pub resync_rate: u64,
+    /// Serve Prometheus metrics (text format) on http://HOST:PORT/metrics:
+    /// per-replica counters, states, missed bytes, resync and scrub
+    /// progress, and latency histograms, read from the same counters as
+    /// the monitor's query-quorum. Port 0 picks a free port (printed).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub record: super::state::StateArgs,
 }
@@ -288,6 +294,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let stop_signals =
             crate::signals::StopSignals::install().context("cannot install signal handlers")?;
         let (listener, uri) = bind(&args, &name).await?;
+        let metrics_stop = CancellationToken::new();
+        let _metrics_guard = metrics_stop.clone().drop_guard();
+        let metrics = match args.metrics {
+            Some(addr) => Some(crate::metrics::spawn(addr, disk.clone(), metrics_stop).await?),
+            None => None,
+        };
         if let Some(p) = &args.pid_file {
             std::fs::write(p, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write pid file {}", p.display()))?;
@@ -301,6 +313,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             out,
             "           qemu-system-x86_64 -drive file={uri},format=raw,if=virtio"
         );
+        if let Some(addr) = metrics {
+            let _ = writeln!(out, "  metrics: http://{addr}/metrics");
+        }
         let _ = writeln!(out, "  stop:    kill -TERM {}", std::process::id());
         for (_, replica, why) in &failed {
             let _ = writeln!(
