@@ -10,7 +10,6 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{Disk, Divergence, Member};
-use crate::events::Latency;
 use crate::membership::ReplicaState;
 
 /// What the control plane shows of one replica.
@@ -29,29 +28,6 @@ pub struct ReplicaInfo {
     /// Resync progress in percent while stale, new or resyncing; `None`
     /// when there is nothing to resync (or no tracking).
     pub resync_progress: Option<u8>,
-}
-
-/// Disk-wide request counters: what the disk's clients asked.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct DiskStats {
-    /// Reads.
-    pub reads: u64,
-    /// Bytes read.
-    pub read_bytes: u64,
-    /// Writes, write-zeroes and discards.
-    pub writes: u64,
-    /// Bytes written (write-zeroes and discards count their length).
-    pub written_bytes: u64,
-    /// Flushes.
-    pub flushes: u64,
-    /// Requests that failed (no quorum, or every replica failed).
-    pub failed: u64,
-    /// Read latency.
-    pub read_latency: Latency,
-    /// Write latency.
-    pub write_latency: Latency,
-    /// Flush latency.
-    pub flush_latency: Latency,
 }
 
 /// Why a control request was refused or failed.
@@ -120,11 +96,6 @@ impl Disk {
                 resync_progress: None,
             })
             .collect()
-    }
-
-    /// Disk-wide request counters.
-    pub fn disk_stats(&self) -> DiskStats {
-        DiskStats::default()
     }
 
     /// Replace replica `name` by `new` while the disk serves: `new` is

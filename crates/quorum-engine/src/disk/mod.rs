@@ -10,6 +10,7 @@
 //!  read.rs    read: fifo, or read_and_vote ─▶ assemble winners ─▶ dissent reports ─▶ rewrite
 //!  write.rs   write/zeroes/discard: replicate (record intent, fan out) ─▶ settle; flush
 //!  status.rs  block_status ─▶ merge_status
+//!  stats.rs   DiskStats: client requests counted and timed at this API
 //!  scrub.rs   scrub: read_and_vote ─▶ Divergence list (─▶ rewrite with repair)
 //! ```
 
@@ -17,6 +18,7 @@ mod control;
 mod fanout;
 mod read;
 mod scrub;
+mod stats;
 mod status;
 mod write;
 
@@ -32,9 +34,10 @@ use crate::membership::{Members, Reopen, ReplicaState, Slot};
 use crate::pool::BufPool;
 use crate::record::Record;
 
-pub use control::{ControlError, DiskStats, ReplicaInfo, ScrubProgress, ScrubState};
+pub use control::{ControlError, ReplicaInfo, ScrubProgress, ScrubState};
 pub use quorum_config::ReadPattern;
 pub use scrub::Divergence;
+pub use stats::DiskStats;
 pub use status::merge_status;
 
 /// Requests at least this large reach their replicas on the worker pool in
@@ -158,6 +161,8 @@ pub struct Disk {
     opts: Options,
     size: u64,
     pool: BufPool,
+    /// What the disk's clients asked ([`Disk::disk_stats`]).
+    requests: stats::DiskCounters,
     /// The resync thread, when the disk has a record.
     healer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: std::sync::atomic::AtomicBool,
@@ -389,6 +394,7 @@ impl Disk {
             healer: parking_lot::Mutex::new(healer),
             closed: std::sync::atomic::AtomicBool::new(false),
             pool: BufPool::default(),
+            requests: stats::DiskCounters::default(),
             workers,
             parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) || remote,
             remote,
