@@ -5,11 +5,7 @@
 //! These are the calls the monitor (`quorum serve --qmp`) and the metrics
 //! endpoint make; everything they return is a snapshot.
 
-use std::sync::Arc;
-
-use serde::Serialize;
-
-use super::{Disk, Divergence, Member};
+use super::{Disk, Member};
 use crate::membership::ReplicaState;
 
 /// What the control plane shows of one replica.
@@ -43,41 +39,6 @@ pub enum ControlError {
     /// Tried, and failed.
     #[error("{0}")]
     Failed(String),
-}
-
-/// How an online scrub stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScrubState {
-    /// No scrub has run since the disk opened.
-    None,
-    /// Running.
-    Running,
-    /// Scanned the whole disk.
-    Completed,
-    /// Cancelled before the end.
-    Cancelled,
-    /// Stopped by an error (the disk closed, or a request failed).
-    Failed,
-}
-
-/// The current (or last) online scrub.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScrubProgress {
-    /// Where it stands.
-    pub state: ScrubState,
-    /// Whether minority blocks are rewritten.
-    pub repair: bool,
-    /// Rate limit in bytes per second (0: none).
-    pub rate: u64,
-    /// Bytes of the disk to scan.
-    pub total_bytes: u64,
-    /// Bytes scanned so far.
-    pub done_bytes: u64,
-    /// Divergent ranges found so far, in disk order.
-    pub divergences: Vec<Divergence>,
-    /// Why it failed.
-    pub error: Option<String>,
 }
 
 impl Disk {
@@ -131,33 +92,5 @@ impl Disk {
     /// The resync rate limit, in bytes per second (0: none).
     pub fn resync_rate(&self) -> u64 {
         0
-    }
-
-    /// Start an online scrub of the whole disk, at most `rate` bytes per
-    /// second (0: none); with `repair`, rewrite minority blocks. Refused
-    /// while another runs.
-    pub fn start_scrub(self: &Arc<Self>, repair: bool, rate: u64) -> Result<(), ControlError> {
-        let _ = (repair, rate);
-        Err(ControlError::Refused(
-            "online scrub: not implemented yet".into(),
-        ))
-    }
-
-    /// The current (or last) online scrub.
-    pub fn scrub_progress(&self) -> ScrubProgress {
-        ScrubProgress {
-            state: ScrubState::None,
-            repair: false,
-            rate: 0,
-            total_bytes: self.size,
-            done_bytes: 0,
-            divergences: Vec::new(),
-            error: None,
-        }
-    }
-
-    /// Cancel the running scrub; false if none runs.
-    pub fn cancel_scrub(&self) -> bool {
-        false
     }
 }
