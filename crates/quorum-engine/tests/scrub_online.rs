@@ -20,6 +20,9 @@ const SIZE: u64 = 8 << 20;
 const DATA: u64 = 4 << 20;
 /// Long enough for anything that should happen promptly on a busy machine.
 const PROMPT: Duration = Duration::from_secs(10);
+/// A rate at which the scrub of `DATA` would take a minute: after its
+/// first step, the job waits 16 s for the next.
+const SLOW: u64 = 64 << 10;
 
 struct Harness {
     disk: Arc<Disk>,
@@ -79,6 +82,17 @@ impl Harness {
                 Err(e) => panic!("no QUORUM_SCRUB_COMPLETED within {PROMPT:?}: {e:?}"),
             }
         }
+    }
+
+    /// Start a slow scrub and return once its first step is done (the job
+    /// then waits 16 s for its next): two corrupted ranges in the first
+    /// step, of which the first is reported when the step ends.
+    fn start_slow_and_finish_one_step(&self, repair: bool) {
+        self.corrupt(1, 0, 1);
+        self.corrupt(1, 65536, 1);
+        self.disk.start_scrub(repair, SLOW).unwrap();
+        let first = self.events.recv_timeout(PROMPT).unwrap();
+        assert!(matches!(first, Event::ReportBad { .. }), "{first:?}");
     }
 
     fn voted_out(&self) -> Vec<(u64, u64)> {
@@ -323,8 +337,7 @@ fn concurrent_writes_are_kept_and_corruptions_elsewhere_repaired() {
 #[test]
 fn cancel_stops_a_throttled_scrub_promptly() {
     let h = harness(3, with_threshold(2));
-    // 4 MiB to read at 1 MiB/s: four seconds, if it were not cancelled.
-    h.disk.start_scrub(false, 1 << 20).unwrap();
+    h.start_slow_and_finish_one_step(false);
     let asked = Instant::now();
     assert!(h.disk.cancel_scrub());
     let (_, done) = h.until_completed();
@@ -342,23 +355,27 @@ fn cancel_stops_a_throttled_scrub_promptly() {
             repair: false,
             status: "cancelled".into(),
             scanned_bytes: p.done_bytes,
-            divergent: 0,
+            divergent: 2,
             repaired: 0,
             no_quorum: 0
         }
     );
+    assert_eq!(p.done_bytes, 1 << 20, "cancelled after one step");
     assert!(!h.disk.cancel_scrub(), "nothing left to cancel");
 }
 
 #[test]
 fn a_second_scrub_is_refused_while_one_runs() {
     let h = harness(3, with_threshold(2));
-    h.disk.start_scrub(false, 1 << 20).unwrap();
+    h.disk.start_scrub(false, SLOW).unwrap();
     assert!(matches!(
         h.disk.start_scrub(true, 0),
         Err(ControlError::Refused(_))
     ));
-    assert_eq!(h.disk.scrub_progress().repair, false);
+    assert!(
+        !h.disk.scrub_progress().repair,
+        "the running scrub is unchanged"
+    );
     h.disk.cancel_scrub();
     h.until_completed();
     // Once it has ended, another may start.
@@ -407,7 +424,7 @@ fn repair_is_refused_on_a_read_only_disk() {
 #[test]
 fn close_stops_the_scrub_and_releases_the_disk() {
     let h = harness(3, with_threshold(2));
-    h.disk.start_scrub(true, 1 << 20).unwrap();
+    h.start_slow_and_finish_one_step(true);
     let asked = Instant::now();
     assert!(h.disk.close().is_empty());
     assert!(
@@ -435,13 +452,18 @@ fn close_stops_the_scrub_and_releases_the_disk() {
 #[test]
 fn dropping_the_disk_while_it_scrubs_frees_it() {
     let h = harness(3, with_threshold(2));
-    h.disk.start_scrub(false, 1 << 20).unwrap();
+    h.start_slow_and_finish_one_step(false);
+    // The job now waits for its next step, and must not keep the disk.
     let Harness { disk, events, .. } = h;
     drop(disk);
     // The event bus goes with the disk: the channel disconnects.
-    match events.recv_timeout(PROMPT) {
-        Err(RecvTimeoutError::Disconnected) => {}
-        other => panic!("the disk is still alive: {other:?}"),
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Err(RecvTimeoutError::Disconnected) => break,
+            Ok(Event::ReportBad { .. }) => {}
+            other => panic!("the disk is still alive: {other:?}"),
+        }
     }
 }
 
