@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use quorum_replica::{ErrorKind, ReplicaError};
 use serde::Serialize;
 
 /// Which operation an event is about.
@@ -370,6 +371,13 @@ pub(crate) struct Counters {
     pub(crate) rewritten_bytes: AtomicU64,
     pub(crate) rewrite_errors: AtomicU64,
     pub(crate) skipped: AtomicU64,
+    pub(crate) reads: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) read_latency: LatencyCounter,
+    pub(crate) write_latency: LatencyCounter,
+    pub(crate) flush_latency: LatencyCounter,
 }
 
 /// Upper bounds (nanoseconds) of the latency histogram buckets: powers of
@@ -383,6 +391,48 @@ pub const LATENCY_BOUNDS_NS: [u64; 24] = {
     }
     b
 };
+
+/// The bucket of a latency: the first whose bound is at least `ns`, or the
+/// last (overflow) bucket.
+pub(crate) fn latency_bucket(ns: u64) -> usize {
+    // Bounds are 1024 << i: bucket i holds (512 << i, 1024 << i].
+    let bits = (u64::BITS - ns.saturating_sub(1).leading_zeros()) as usize;
+    bits.saturating_sub(10).min(LATENCY_BOUNDS_NS.len())
+}
+
+/// A latency histogram being counted: atomics only, so the request path
+/// never takes a lock to record a latency.
+#[derive(Debug, Default)]
+pub(crate) struct LatencyCounter {
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+}
+
+impl LatencyCounter {
+    /// Count one operation that took `d`.
+    pub(crate) fn record(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.buckets[latency_bucket(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What has been counted so far. Taken without a lock, so a snapshot
+    /// racing with requests may count one in `buckets` and not yet in
+    /// `count`; each figure is exact once the requests have returned.
+    pub(crate) fn snapshot(&self) -> Latency {
+        Latency {
+            count: self.count.load(Ordering::Relaxed),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
 
 /// A latency histogram, as counted so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -444,13 +494,16 @@ pub struct ReplicaStats {
     pub rewrite_errors: u64,
     /// Requests that went without this replica because it was failed.
     pub skipped: u64,
-    /// Reads asked of this replica.
+    /// Reads asked of this replica (guest reads, scrub reads), whether
+    /// they succeeded or not; requests that went without it are not
+    /// counted here but in `skipped`.
     pub reads: u64,
-    /// Writes, write-zeroes and discards asked of it.
+    /// Writes, write-zeroes and discards asked of it, including the
+    /// rewrites of voted-out ranges (also counted in `rewrites`).
     pub writes: u64,
     /// Flushes asked of it.
     pub flushes: u64,
-    /// Requests that timed out on it.
+    /// Requests that failed on it with ETIMEDOUT (any operation).
     pub timeouts: u64,
     /// Latency of its reads.
     pub read_latency: Latency,
@@ -463,6 +516,43 @@ pub struct ReplicaStats {
 impl Counters {
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Make one call to the replica, counting it as `op` (`None`: block
+    /// status, counted only if it times out) and timing it.
+    ///
+    /// Two clock reads and a few relaxed atomic adds: cheap enough to wrap
+    /// every replica call the disk makes.
+    pub(crate) fn timed<T>(
+        &self,
+        op: Option<OpType>,
+        call: impl FnOnce() -> Result<T, ReplicaError>,
+    ) -> Result<T, ReplicaError> {
+        let Some(op) = op else {
+            let r = call();
+            self.note_timeout(&r);
+            return r;
+        };
+        let start = Instant::now();
+        let r = call();
+        let took = start.elapsed();
+        let (count, latency) = match op {
+            OpType::Read => (&self.reads, &self.read_latency),
+            OpType::Write => (&self.writes, &self.write_latency),
+            OpType::Flush => (&self.flushes, &self.flush_latency),
+        };
+        Counters::add(count, 1);
+        latency.record(took);
+        self.note_timeout(&r);
+        r
+    }
+
+    fn note_timeout<T>(&self, r: &Result<T, ReplicaError>) {
+        if let Err(e) = r
+            && e.kind == ErrorKind::Io(libc::ETIMEDOUT)
+        {
+            Counters::add(&self.timeouts, 1);
+        }
     }
 
     pub(crate) fn snapshot(&self, node_name: &str) -> ReplicaStats {
@@ -478,7 +568,13 @@ impl Counters {
             rewritten_bytes: g(&self.rewritten_bytes),
             rewrite_errors: g(&self.rewrite_errors),
             skipped: g(&self.skipped),
-            ..ReplicaStats::default()
+            reads: g(&self.reads),
+            writes: g(&self.writes),
+            flushes: g(&self.flushes),
+            timeouts: g(&self.timeouts),
+            read_latency: self.read_latency.snapshot(),
+            write_latency: self.write_latency.snapshot(),
+            flush_latency: self.flush_latency.snapshot(),
         }
     }
 }
@@ -523,6 +619,64 @@ mod tests {
         assert_eq!(l.windows.get("a").map(|w| w.1), Some(4));
         l.drain(t0);
         assert!(l.windows.is_empty());
+    }
+
+    #[test]
+    fn latency_buckets_follow_the_bounds() {
+        // Every bound falls in its own bucket, one nanosecond more in the next.
+        for (i, b) in LATENCY_BOUNDS_NS.iter().enumerate() {
+            assert_eq!((latency_bucket(*b), latency_bucket(b + 1)), (i, i + 1));
+        }
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(1), 0);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BOUNDS_NS.len());
+    }
+
+    #[test]
+    fn latency_counter_counts_sums_and_buckets() {
+        let c = LatencyCounter::default();
+        for us in [1, 3, 3, 100] {
+            c.record(Duration::from_micros(us));
+        }
+        c.record(Duration::from_secs(100));
+        let l = c.snapshot();
+        let mut want = vec![0; LATENCY_BOUNDS_NS.len() + 1];
+        want[0] = 1; // 1000 ns <= 1024
+        want[2] = 2; // 3000 ns in (2048, 4096]
+        want[7] = 1; // 100 us in (65536, 131072]
+        want[LATENCY_BOUNDS_NS.len()] = 1;
+        assert_eq!(
+            (l.count, l.sum_ns, l.buckets),
+            (5, 107_000 + 100_000_000_000, want)
+        );
+    }
+
+    #[test]
+    fn timed_counts_the_call_its_latency_and_timeouts() {
+        let c = Counters::default();
+        let timeout = || {
+            Err::<(), _>(ReplicaError::new(
+                ErrorKind::Io(libc::ETIMEDOUT),
+                "read",
+                "timed out",
+            ))
+        };
+        c.timed(Some(OpType::Read), || Ok(())).unwrap();
+        c.timed(Some(OpType::Read), timeout).unwrap_err();
+        c.timed(Some(OpType::Flush), || Ok(())).unwrap();
+        c.timed(None, timeout).unwrap_err();
+        let s = c.snapshot("r");
+        assert_eq!(
+            (
+                s.reads,
+                s.writes,
+                s.flushes,
+                s.timeouts,
+                s.read_latency.count,
+                s.flush_latency.count
+            ),
+            (2, 0, 1, 2, 2, 1)
+        );
     }
 
     #[test]

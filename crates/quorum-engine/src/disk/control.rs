@@ -5,12 +5,7 @@
 //! These are the calls the monitor (`quorum serve --qmp`) and the metrics
 //! endpoint make; everything they return is a snapshot.
 
-use std::sync::Arc;
-
-use serde::Serialize;
-
-use super::{Disk, Divergence, Member};
-use crate::events::Latency;
+use super::{Disk, Member};
 use crate::membership::ReplicaState;
 
 /// What the control plane shows of one replica.
@@ -31,29 +26,6 @@ pub struct ReplicaInfo {
     pub resync_progress: Option<u8>,
 }
 
-/// Disk-wide request counters: what the disk's clients asked.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct DiskStats {
-    /// Reads.
-    pub reads: u64,
-    /// Bytes read.
-    pub read_bytes: u64,
-    /// Writes, write-zeroes and discards.
-    pub writes: u64,
-    /// Bytes written (write-zeroes and discards count their length).
-    pub written_bytes: u64,
-    /// Flushes.
-    pub flushes: u64,
-    /// Requests that failed (no quorum, or every replica failed).
-    pub failed: u64,
-    /// Read latency.
-    pub read_latency: Latency,
-    /// Write latency.
-    pub write_latency: Latency,
-    /// Flush latency.
-    pub flush_latency: Latency,
-}
-
 /// Why a control request was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
@@ -67,41 +39,6 @@ pub enum ControlError {
     /// Tried, and failed.
     #[error("{0}")]
     Failed(String),
-}
-
-/// How an online scrub stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScrubState {
-    /// No scrub has run since the disk opened.
-    None,
-    /// Running.
-    Running,
-    /// Scanned the whole disk.
-    Completed,
-    /// Cancelled before the end.
-    Cancelled,
-    /// Stopped by an error (the disk closed, or a request failed).
-    Failed,
-}
-
-/// The current (or last) online scrub.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScrubProgress {
-    /// Where it stands.
-    pub state: ScrubState,
-    /// Whether minority blocks are rewritten.
-    pub repair: bool,
-    /// Rate limit in bytes per second (0: none).
-    pub rate: u64,
-    /// Bytes of the disk to scan.
-    pub total_bytes: u64,
-    /// Bytes scanned so far.
-    pub done_bytes: u64,
-    /// Divergent ranges found so far, in disk order.
-    pub divergences: Vec<Divergence>,
-    /// Why it failed.
-    pub error: Option<String>,
 }
 
 impl Disk {
@@ -120,11 +57,6 @@ impl Disk {
                 resync_progress: None,
             })
             .collect()
-    }
-
-    /// Disk-wide request counters.
-    pub fn disk_stats(&self) -> DiskStats {
-        DiskStats::default()
     }
 
     /// Replace replica `name` by `new` while the disk serves: `new` is
@@ -160,33 +92,5 @@ impl Disk {
     /// The resync rate limit, in bytes per second (0: none).
     pub fn resync_rate(&self) -> u64 {
         0
-    }
-
-    /// Start an online scrub of the whole disk, at most `rate` bytes per
-    /// second (0: none); with `repair`, rewrite minority blocks. Refused
-    /// while another runs.
-    pub fn start_scrub(self: &Arc<Self>, repair: bool, rate: u64) -> Result<(), ControlError> {
-        let _ = (repair, rate);
-        Err(ControlError::Refused(
-            "online scrub: not implemented yet".into(),
-        ))
-    }
-
-    /// The current (or last) online scrub.
-    pub fn scrub_progress(&self) -> ScrubProgress {
-        ScrubProgress {
-            state: ScrubState::None,
-            repair: false,
-            rate: 0,
-            total_bytes: self.size,
-            done_bytes: 0,
-            divergences: Vec::new(),
-            error: None,
-        }
-    }
-
-    /// Cancel the running scrub; false if none runs.
-    pub fn cancel_scrub(&self) -> bool {
-        false
     }
 }

@@ -35,6 +35,7 @@ impl Disk {
             .filter(|(_, s)| !s.is_up())
             .fold(0, |m, (i, _)| m | 1 << i);
         let skipped = failed | exclude;
+        let counted = counted_as(op);
         let call = |i: usize, s: &Slot| {
             if failed & (1 << i) != 0 {
                 Counters::add(&s.counters.skipped, 1);
@@ -43,7 +44,8 @@ impl Disk {
             if exclude & (1 << i) != 0 {
                 return Err(s.skipped_error(op));
             }
-            f(i, &*s.replica())
+            let replica = s.replica();
+            s.counters.timed(counted, || f(i, &*replica))
         };
         let asked = slots.len() - skipped.count_ones() as usize;
         // Remote replicas always go in parallel; nothing does on one CPU.
@@ -84,6 +86,16 @@ impl Disk {
         FanOut { results, skipped }
     }
 
+    /// Time and count a call to replica `i` made outside [`Disk::fan_out`].
+    pub(super) fn timed<T>(
+        &self,
+        i: usize,
+        op: OpType,
+        call: impl FnOnce() -> Result<T, ReplicaError>,
+    ) -> Result<T, ReplicaError> {
+        self.slots()[i].counters.timed(Some(op), call)
+    }
+
     pub(super) fn report_bad(
         &self,
         i: usize,
@@ -113,5 +125,16 @@ impl Disk {
             sector_num,
             sectors_count,
         });
+    }
+}
+
+/// Which per-replica counter and latency histogram the calls of a fan-out
+/// named `op` go to (`None`: block status, not counted as I/O).
+fn counted_as(op: &str) -> Option<OpType> {
+    match op {
+        "read" => Some(OpType::Read),
+        "write" | "write_zeroes" | "discard" => Some(OpType::Write),
+        "flush" => Some(OpType::Flush),
+        _ => None,
     }
 }

@@ -10,13 +10,17 @@
 //!  read.rs    read: fifo, or read_and_vote ─▶ assemble winners ─▶ dissent reports ─▶ rewrite
 //!  write.rs   write/zeroes/discard: replicate (record intent, fan out) ─▶ settle; flush
 //!  status.rs  block_status ─▶ merge_status
+//!  stats.rs   DiskStats: client requests counted and timed at this API
 //!  scrub.rs   scrub: read_and_vote ─▶ Divergence list (─▶ rewrite with repair)
+//!  scrub_job.rs  online scrub: a thread walks the disk with scrub, reports, throttles
 //! ```
 
 mod control;
 mod fanout;
 mod read;
 mod scrub;
+mod scrub_job;
+mod stats;
 mod status;
 mod write;
 
@@ -32,9 +36,11 @@ use crate::membership::{Members, Reopen, ReplicaState, Slot};
 use crate::pool::BufPool;
 use crate::record::Record;
 
-pub use control::{ControlError, DiskStats, ReplicaInfo, ScrubProgress, ScrubState};
+pub use control::{ControlError, ReplicaInfo};
 pub use quorum_config::ReadPattern;
 pub use scrub::Divergence;
+pub use scrub_job::{ScrubProgress, ScrubState};
+pub use stats::DiskStats;
 pub use status::merge_status;
 
 /// Requests at least this large reach their replicas on the worker pool in
@@ -158,6 +164,10 @@ pub struct Disk {
     opts: Options,
     size: u64,
     pool: BufPool,
+    /// What the disk's clients asked ([`Disk::disk_stats`]).
+    requests: stats::DiskCounters,
+    /// The online scrub job ([`Disk::start_scrub`]).
+    scrub_job: scrub_job::ScrubJob,
     /// The resync thread, when the disk has a record.
     healer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: std::sync::atomic::AtomicBool,
@@ -389,6 +399,8 @@ impl Disk {
             healer: parking_lot::Mutex::new(healer),
             closed: std::sync::atomic::AtomicBool::new(false),
             pool: BufPool::default(),
+            requests: stats::DiskCounters::default(),
+            scrub_job: scrub_job::ScrubJob::new(size),
             workers,
             parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) || remote,
             remote,
@@ -497,13 +509,15 @@ impl Disk {
 }
 
 impl Disk {
-    /// Stop the background threads, flush every replica that is up, and
+    /// Stop the background threads (an online scrub ends `failed`), flush every replica that is up, and
     /// leave the record clean (no dirty region) when the flushes succeed.
     /// Returns the replicas whose flush failed. Later calls do nothing.
     pub fn close(&self) -> Vec<(String, ReplicaError)> {
         if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Vec::new();
         }
+        // First, while the healer still runs: a scrub step may wait on it.
+        self.scrub_job.stop_and_join();
         self.members.close();
         if let Some(t) = self.healer.lock().take() {
             let _ = t.join();

@@ -2,6 +2,8 @@
 //! every replica and vote (quorum); assemble the winning blocks, report the
 //! dissenting replicas, and rewrite what they lost (rewrite-corrupted).
 
+use std::time::Instant;
+
 use quorum_replica::{FileRegion, ReplicaError};
 use quorum_vote::{BlockVote, Copy, Granularity, Mask, Verdict, vote_read};
 
@@ -20,12 +22,16 @@ pub(super) struct Voted {
 impl Disk {
     /// Read `buf.len()` bytes at `offset`, by the disk's read pattern.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let start = Instant::now();
         let len = buf.len() as u64;
-        self.check_range("read", offset, len)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        self.read_voted(offset, buf).map(drop)
+        let r = self.check_range("read", offset, len).and_then(|()| {
+            if buf.is_empty() {
+                return Ok(());
+            }
+            self.read_voted(offset, buf).map(drop)
+        });
+        self.requests.done(OpType::Read, len, start, &r);
+        r
     }
 
     /// [`Disk::read`], and also where the voted bytes sit unchanged in a
@@ -38,12 +44,16 @@ impl Disk {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<Option<FileRegion>, IoError> {
+        let start = Instant::now();
         let len = buf.len() as u64;
-        self.check_range("read", offset, len)?;
-        if buf.is_empty() {
-            return Ok(None);
-        }
-        let winners = self.read_voted(offset, buf)?;
+        let r = self.check_range("read", offset, len).and_then(|()| {
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            self.read_voted(offset, buf)
+        });
+        self.requests.done(OpType::Read, len, start, &r);
+        let winners = r?;
         Ok((0..self.slots().len())
             .filter(|i| winners & (1 << i) != 0)
             .find_map(|i| self.slots()[i].replica().file_region(offset, len)))
@@ -72,7 +82,7 @@ impl Disk {
             if stale & (1 << i) != 0 {
                 continue;
             }
-            match slot.replica().read_at(buf, offset) {
+            match self.timed(i, OpType::Read, || slot.replica().read_at(buf, offset)) {
                 Ok(()) => return Ok(1 << i),
                 Err(e) => {
                     Counters::add(&slot.counters.read_errors, 1);
@@ -220,7 +230,8 @@ impl Disk {
             let replica = slot.replica();
             for (start, len) in losing_ranges(blocks, i) {
                 let data = &buf[start..start + len];
-                match replica.write_at(data, offset + start as u64, false) {
+                let at = offset + start as u64;
+                match self.timed(i, OpType::Write, || replica.write_at(data, at, false)) {
                     Ok(()) => {
                         Counters::add(&slot.counters.rewrites, 1);
                         Counters::add(&slot.counters.rewritten_bytes, len as u64);

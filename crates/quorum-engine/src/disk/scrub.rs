@@ -1,7 +1,10 @@
 //! Scrub: read and vote a range without events, and report the ranges
 //! where replicas disagree as [`Divergence`]s, rewriting the losers with
-//! `repair`.
+//! `repair`. This is the offline `quorum check`'s primitive; the online
+//! scrub job (`scrub_job.rs`) walks the disk with it and reports what it
+//! finds as events.
 
+use quorum_replica::ReplicaError;
 use quorum_vote::{BlockVote, Mask, Verdict};
 
 use super::read::assemble;
@@ -30,6 +33,18 @@ impl Disk {
     /// ranges where replicas disagree; with `repair`, rewrite the losers.
     /// A range without quorum is reported and never repaired.
     pub fn scrub(&self, offset: u64, len: u64, repair: bool) -> Result<Vec<Divergence>, IoError> {
+        self.scrub_range(offset, len, repair).map(|(d, _)| d)
+    }
+
+    /// [`Disk::scrub`], and each replica's read error (`None` for those
+    /// that read, or were not asked).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn scrub_range(
+        &self,
+        offset: u64,
+        len: u64,
+        repair: bool,
+    ) -> Result<(Vec<Divergence>, Vec<Option<ReplicaError>>), IoError> {
         self.check_range("scrub", offset, len)?;
         if repair {
             self.check_writable("scrub", offset, len)?;
@@ -38,7 +53,7 @@ impl Disk {
         let _guard = self.members.ranges.lock(offset, len, repair);
         let mut buf = self.pool.get(len as usize);
         let buf_slice = &mut buf[..len as usize];
-        let (voted, _errors) = self.read_and_vote(offset, buf_slice, self.opts.granularity);
+        let (voted, errors) = self.read_and_vote(offset, buf_slice, self.opts.granularity);
         let mut out = Vec::new();
         match &voted.verdict {
             Verdict::Agreed { blocks, failed } => {
@@ -102,7 +117,7 @@ impl Disk {
             self.pool.put(b);
         }
         self.pool.put(buf);
-        Ok(out)
+        Ok((out, errors))
     }
 
     /// Report the dissenting blocks of a scrubbed range that have a winner,

@@ -3,6 +3,8 @@
 //! each replica missed, with tracking), then settle it by the threshold
 //! rule; flush likewise, and best-effort for shutdown.
 
+use std::time::Instant;
+
 use quorum_replica::{Replica, ReplicaError};
 use quorum_vote::{Mask, vote_status};
 
@@ -12,8 +14,21 @@ use crate::events::{Counters, OpType};
 
 impl Disk {
     /// Apply `op` to every replica under an exclusive range lock; success at
-    /// `threshold` successes.
+    /// `threshold` successes. Counted and timed as one client write.
     fn replicate(
+        &self,
+        name: &'static str,
+        offset: u64,
+        len: u64,
+        op: impl Fn(&dyn Replica) -> Result<(), ReplicaError> + Sync,
+    ) -> Result<(), IoError> {
+        let start = Instant::now();
+        let r = self.replicate_locked(name, offset, len, op);
+        self.requests.done(OpType::Write, len, start, &r);
+        r
+    }
+
+    fn replicate_locked(
         &self,
         name: &'static str,
         offset: u64,
@@ -134,8 +149,11 @@ impl Disk {
 
     /// Flush every replica in parallel; success at `threshold` successes.
     pub fn flush(&self) -> Result<(), IoError> {
+        let start = Instant::now();
         let out = self.fan_out("flush", true, 0, |_, r| r.flush());
-        self.settle("flush", OpType::Flush, 0, 0, &out)
+        let r = self.settle("flush", OpType::Flush, 0, 0, &out);
+        self.requests.done(OpType::Flush, 0, start, &r);
+        r
     }
 
     /// Flush every replica (best effort, for shutdown); returns the failures.
