@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod output;
+mod qmp;
 mod server;
 mod signals;
 
