@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod nbdkit;
+pub mod qmp;
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
