@@ -57,11 +57,6 @@ impl Client {
         Ok(c)
     }
 
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn read_message(&mut self) -> anyhow::Result<Value> {
         let mut text = String::new();
         let n = self
