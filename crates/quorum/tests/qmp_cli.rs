@@ -6,6 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{Daemon, Disk, Format, Options, quorum};
@@ -18,11 +19,26 @@ fn state(disk: &Disk) -> PathBuf {
     disk.file("vda.state")
 }
 
+/// Start serve and wait (bounded) for its start-up lines: the NBD socket
+/// accepts a moment before the monitor, the runtime file and the lines.
 fn serve(disk: &Disk, extra: &[&str]) -> Daemon {
     let s = state(disk);
     let mut args = vec!["--state", s.to_str().unwrap()];
     args.extend_from_slice(extra);
-    Daemon::start(disk, &args)
+    let d = Daemon::start(disk, &args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(disk.file("serve.out"))
+        .unwrap_or_default()
+        .contains("  stop:")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no start-up lines: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
 }
 
 fn status_json(disk: &Disk, extra: &[&str]) -> Value {

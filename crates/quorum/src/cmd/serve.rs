@@ -307,7 +307,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Before the socket and pid file exist: whoever sees them may signal.
         let stop_signals =
             crate::signals::StopSignals::install().context("cannot install signal handlers")?;
-        let (listener, uri) = bind(&args, &name).await?;
+        // The monitor listens before the export: whoever sees the NBD
+        // socket can ask it.
         let shutdown = CancellationToken::new();
         if let Some(p) = &qmp_path {
             match crate::qmp::server::bind(p) {
@@ -319,6 +320,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Err(e) => tracing::warn!("no monitor: {e:#}"),
             }
         }
+        let (listener, uri) = bind(&args, &name).await?;
         if let Some(p) = &run_file {
             let (pid, qmp, export) = (std::process::id(), monitor.clone(), uri.clone());
             crate::qmp::server::RunFile { pid, qmp, export }.write(p)?;

@@ -354,3 +354,72 @@ impl RunFile {
                 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> (Queue, mpsc::UnboundedReceiver<Bytes>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let q = Queue {
+            tx,
+            backlog: Arc::new(AtomicUsize::new(0)),
+            kill: CancellationToken::new(),
+            id: 7,
+        };
+        (q, rx)
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_cut_off_past_the_backlog_bound() {
+        let (q, mut rx) = queue();
+        let mib = Bytes::from(vec![b'x'; 1 << 20]);
+        for _ in 0..(MAX_BACKLOG >> 20) {
+            assert!(q.push(mib.clone()), "cut off below the bound");
+        }
+        assert!(!q.kill.is_cancelled());
+        assert!(!q.push(Bytes::from_static(b"one byte too many")));
+        assert!(q.kill.is_cancelled());
+        // Nothing was dropped before: every line queued is there, in order.
+        let mut n = 0;
+        while let Ok(b) = rx.try_recv() {
+            assert_eq!(b.len(), 1 << 20);
+            n += 1;
+        }
+        assert_eq!(n, MAX_BACKLOG >> 20);
+    }
+
+    #[test]
+    fn written_bytes_leave_the_backlog() {
+        let (q, _rx) = queue();
+        let mib = Bytes::from(vec![b'x'; 1 << 20]);
+        for _ in 0..(3 * (MAX_BACKLOG >> 20)) {
+            assert!(q.push(mib.clone()));
+            // What the writer task does once a line is written.
+            q.backlog.fetch_sub(mib.len(), Ordering::Relaxed);
+        }
+        assert!(!q.kill.is_cancelled());
+    }
+
+    #[test]
+    fn default_monitor_path_sits_beside_the_record_when_it_fits() {
+        let rec = Path::new("/var/lib/quorum/vda-0123456789abcdef.state");
+        assert_eq!(
+            monitor_path(None, false, Some(rec)),
+            Some(PathBuf::from("/var/lib/quorum/vda-0123456789abcdef.qmp"))
+        );
+        assert_eq!(monitor_path(None, true, Some(rec)), None);
+        assert_eq!(monitor_path(None, false, None), None);
+        let long = PathBuf::from(format!("/{}/vda.state", "d".repeat(110)));
+        assert_eq!(monitor_path(None, false, Some(&long)), None);
+        let given = Path::new("/run/q.sock");
+        assert_eq!(
+            monitor_path(Some(given), false, Some(rec)),
+            Some(given.to_owned())
+        );
+        assert_eq!(
+            run_file_path(rec),
+            PathBuf::from("/var/lib/quorum/vda-0123456789abcdef.state.run")
+        );
+    }
+}

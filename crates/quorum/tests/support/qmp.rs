@@ -53,6 +53,19 @@ impl Raw {
         s
     }
 
+    /// True when the daemon closed the connection: end of stream, or
+    /// ECONNRESET (a unix socket closed with our bytes still unread reads
+    /// as a reset once its queued replies are read). Panics on a message.
+    pub fn closed(&mut self) -> bool {
+        let mut s = String::new();
+        match self.reader.read_line(&mut s) {
+            Ok(0) => true,
+            Ok(_) => panic!("a message instead of the end of the connection: {s:?}"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+            Err(e) => panic!("reading from the monitor: {e}"),
+        }
+    }
+
     /// The next message, checking it ends with CRLF.
     pub fn message(&mut self) -> Value {
         let l = self.raw_line();
