@@ -47,6 +47,13 @@ fn greeting_gate_ids_and_crlf() {
     let r = c.command(r#"{"execute":"query-version","id":"early"}"#);
     assert_eq!(class(&r), "CommandNotFound", "{r}");
     assert_eq!(r["id"], "early");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("qmp_capabilities"),
+        "{r}"
+    );
     let r = c.command(r#"{"execute":"qmp_capabilities","arguments":{},"id":{"n":[1,"x"]}}"#);
     assert_eq!(r, json!({"return": {}, "id": {"n": [1, "x"]}}));
     let r = c.command(r#"{"execute":"qmp_capabilities","id":2}"#);

@@ -279,7 +279,7 @@ async fn handle(text: &[u8], ctx: &Arc<Context>, negotiated: &AtomicBool) -> ser
         if negotiated.load(Ordering::Acquire) {
             return failure(
                 &QmpError::not_found(
-                    "Capabilities negotiation is already complete, command ignored",
+                    "Capabilities negotiation is already complete, command 'qmp_capabilities' ignored",
                 ),
                 id,
             );
@@ -294,7 +294,10 @@ async fn handle(text: &[u8], ctx: &Arc<Context>, negotiated: &AtomicBool) -> ser
     }
     if !negotiated.load(Ordering::Acquire) {
         return failure(
-            &QmpError::not_found("Expecting capabilities negotiation with 'qmp_capabilities'"),
+            &QmpError::not_found(format!(
+                "Expecting capabilities negotiation with 'qmp_capabilities' before command '{}'",
+                req.execute
+            )),
             id,
         );
     }
