@@ -15,6 +15,8 @@ for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
 done
 # nbdsh is a python module on Debian's python3, not on any other python.
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
+# python3-venv: the venv below, for qemu.qmp (the monitor tests).
+/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   echo "# installing test peers: ${need[*]}" >&2
@@ -56,6 +58,16 @@ install_libvirtd() {
     libvirt-daemon libvirt-daemon-driver-qemu >/dev/null
 }
 install_libvirtd
+
+# qemu.qmp (PyPI: QMPClient and qmp-shell) in a venv at a stable path, for
+# crates/quorum/tests/qmp_python.rs, which finds it through QUORUM_QMP_VENV
+# and fails when it is missing.
+export QUORUM_QMP_VENV="${QUORUM_QMP_VENV:-$PWD/target/qmp-venv}"
+if ! "$QUORUM_QMP_VENV/bin/python" -c 'import qemu.qmp' >/dev/null 2>&1; then
+  echo "# installing qemu.qmp into $QUORUM_QMP_VENV" >&2
+  /usr/bin/python3 -m venv --clear "$QUORUM_QMP_VENV"
+  "$QUORUM_QMP_VENV/bin/pip" install -q qemu.qmp
+fi
 
 cargo test --workspace --all-targets "$@"
 # Once more confined to one CPU: the engine and the NBD driver take other

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod metrics;
 mod output;
+mod qmp;
 mod server;
 mod signals;
 
@@ -74,8 +75,12 @@ enum Command {
     Check(cmd::check::Args),
     /// Create the replica images that are missing.
     Create(cmd::create::Args),
-    /// Show replica states, missed writes and write intent from the disk's record.
+    /// Show replica states, missed writes and counters: live from the running daemon, else from the record.
     Status(cmd::status::Args),
+    /// Replace a replica of a running disk by a new image (hot replace, through the monitor).
+    Replace(cmd::replace::Args),
+    /// Scrub a running disk online (through the monitor); `check` does it offline.
+    Scrub(cmd::scrub::Args),
     /// Convert a domain between `<disk type='quorum'>` and what stock libvirt accepts.
     Domxml(cmd::domxml::Args),
     /// Define a domain with `<disk type='quorum'>` disks in libvirt (to-libvirt + virsh define --validate).
@@ -118,6 +123,8 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Create(a) => cmd::create::run(a),
         Command::Status(a) => cmd::status::run(a),
+        Command::Replace(a) => cmd::replace::run(a),
+        Command::Scrub(a) => cmd::scrub::run(a),
         Command::Domxml(a) => cmd::domxml::run(a),
         Command::Define(a) => cmd::define::run(a),
         Command::LibvirtHook(a) => cmd::libvirt_hook::run(a),
@@ -140,15 +147,27 @@ fn main() -> ExitCode {
     code
 }
 
+/// An error whose fix is known: `report` prints `hint` on its own line.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Hinted {
+    /// What went wrong.
+    pub message: String,
+    /// What to do about it.
+    pub hint: String,
+}
+
 /// Print `e` on stderr: every cause once (`a: b: c`), then one `hint:` line
 /// per cause whose fix is known. Never panics, even on a closed stderr.
 fn report(e: &anyhow::Error) {
     let mut text = format!("quorum: {}\n", chain_once(e));
     let mut hints: Vec<String> = Vec::new();
     for cause in e.chain() {
-        if let Some(hint) = cause
+        let hint = cause
             .downcast_ref::<quorum_replica::OpenError>()
             .and_then(quorum_replica::OpenError::hint)
+            .or_else(|| cause.downcast_ref::<Hinted>().map(|h| h.hint.clone()));
+        if let Some(hint) = hint
             && !hints.contains(&hint)
         {
             hints.push(hint);

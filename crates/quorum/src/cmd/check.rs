@@ -62,8 +62,10 @@ pub struct Args {
     pub record: super::state::StateArgs,
 }
 
+/// One divergent range as `check --json` prints it (and the monitor's
+/// `query-scrub` returns it).
 #[derive(Debug, Serialize)]
-struct Range {
+pub struct Range {
     offset: u64,
     length: u64,
     bad_replicas: Vec<usize>,
@@ -98,6 +100,19 @@ struct Missing {
 
 fn members(m: Mask) -> Vec<usize> {
     (0..64).filter(|i| m & (1 << i) != 0).collect()
+}
+
+/// `d` as `check --json` prints it; the one serialisation of a divergent
+/// range (the monitor's `query-scrub` uses it too).
+pub fn range_json(d: &Divergence) -> Range {
+    Range {
+        offset: d.offset,
+        length: d.length,
+        bad_replicas: members(d.bad),
+        failed_replicas: members(d.failed),
+        quorum: d.has_quorum,
+        resolved: d.repaired,
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -160,17 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 reason: why.clone(),
             })
             .collect(),
-        ranges: ranges
-            .iter()
-            .map(|d| Range {
-                offset: d.offset,
-                length: d.length,
-                bad_replicas: members(d.bad),
-                failed_replicas: members(d.failed),
-                quorum: d.has_quorum,
-                resolved: d.repaired,
-            })
-            .collect(),
+        ranges: ranges.iter().map(range_json).collect(),
     };
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);

@@ -111,6 +111,15 @@ pub struct Args {
     /// the monitor's query-quorum. Port 0 picks a free port (printed).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// The monitor (QMP) socket, created mode 0600: whoever can connect
+    /// can replace replicas. Default: the record's path with extension
+    /// .qmp (none with --no-tracking, or when that path is too long for a
+    /// unix socket). `quorum status FILE` finds it. See README, "Monitor (QMP)".
+    #[arg(long, value_name = "PATH", conflicts_with = "no_qmp")]
+    pub qmp: Option<PathBuf>,
+    /// No monitor socket.
+    #[arg(long)]
+    pub no_qmp: bool,
     #[command(flatten)]
     pub record: super::state::StateArgs,
 }
@@ -281,6 +290,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let disk = Arc::new(disk);
     let backend = Arc::new(DiskBackend::new(disk.clone()));
+    let record = args.record.path(&cfg);
+    let qmp_path =
+        crate::qmp::server::monitor_path(args.qmp.as_deref(), args.no_qmp, record.as_deref());
+    let run_file = record.as_deref().map(crate::qmp::server::run_file_path);
+    let qmp_ctx = Arc::new(crate::qmp::commands::Context {
+        disk: disk.clone(),
+        open_opts: opts.clone(),
+        base_dir: xml_dir(&args.file),
+    });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(network_threads())
@@ -289,10 +307,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    // The monitor socket, once bound (removed at stop).
+    let mut monitor: Option<PathBuf> = None;
     let result = rt.block_on(async {
         // Before the socket and pid file exist: whoever sees them may signal.
         let stop_signals =
             crate::signals::StopSignals::install().context("cannot install signal handlers")?;
+        // The monitor listens before the export: whoever sees the NBD
+        // socket can ask it.
+        let shutdown = CancellationToken::new();
+        if let Some(p) = &qmp_path {
+            match crate::qmp::server::bind(p) {
+                Ok(l) => {
+                    crate::qmp::server::start(l, qmp_ctx, shutdown.clone());
+                    monitor = Some(std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+                }
+                Err(e) if args.qmp.is_some() => return Err(e),
+                Err(e) => tracing::warn!("no monitor: {e:#}"),
+            }
+        }
         let (listener, uri) = bind(&args, &name).await?;
         let metrics_stop = CancellationToken::new();
         let _metrics_guard = metrics_stop.clone().drop_guard();
@@ -300,6 +333,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Some(addr) => Some(crate::metrics::spawn(addr, disk.clone(), metrics_stop).await?),
             None => None,
         };
+        if let Some(p) = &run_file {
+            let (pid, qmp, export) = (std::process::id(), monitor.clone(), uri.clone());
+            crate::qmp::server::RunFile { pid, qmp, export }.write(p)?;
+        }
         if let Some(p) = &args.pid_file {
             std::fs::write(p, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write pid file {}", p.display()))?;
@@ -313,6 +350,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             out,
             "           qemu-system-x86_64 -drive file={uri},format=raw,if=virtio"
         );
+        if let Some(p) = &monitor {
+            let _ = writeln!(out, "  monitor: quorum status --qmp {}", p.display());
+        }
         if let Some(addr) = metrics {
             let _ = writeln!(out, "  metrics: http://{addr}/metrics");
         }
@@ -325,7 +365,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         let _ = out.flush();
 
-        let shutdown = CancellationToken::new();
         tokio::spawn(stop_signals.stop_on_signal(shutdown.clone()));
         let export = Export {
             name: name.clone(),
@@ -353,7 +392,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(p) = &args.socket {
         let _ = std::fs::remove_file(p);
     }
-    if let Some(p) = &args.pid_file {
+    for p in [&args.pid_file, &monitor, &run_file].into_iter().flatten() {
         let _ = std::fs::remove_file(p);
     }
     result?;
@@ -362,6 +401,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Relative paths in a monitor's `backing-store` resolve against the
+/// directory of the disk's XML (the working directory for stdin).
+fn xml_dir(file: &Path) -> PathBuf {
+    let dir = match file.parent() {
+        Some(d) if file != Path::new("-") && !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 /// One network thread per CPU the process may use, up to 8: on a process

@@ -1,10 +1,11 @@
 //! `quorum status`: what the disk's record says (replica states, missed
 //! bytes, write intent, last clean shutdown), read offline.
 //!
-//! The report is a plain struct ([`Status`]) filled from a source: today
-//! the record read with [`quorum_engine::record::inspect`] (no lock, so it
-//! works beside a running daemon); a live source (the daemon's monitor
-//! socket) can fill the same struct, and both print alike.
+//! The report is a plain struct ([`Status`]) filled from the record read
+//! with [`quorum_engine::record::inspect`] (no lock, so it works beside a
+//! running daemon); when the disk's daemon runs (its `<record>.run` names
+//! a live PID whose monitor answers), the monitor's `query-quorum` fills
+//! in the live part: exact states, missed bytes, resync progress, counters.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,34 +15,55 @@ use quorum_engine::ReplicaState;
 use quorum_engine::record::{Distrust, Inspection};
 use serde::Serialize;
 
+use serde_json::json;
+
 use super::util::{human_size, load_disk};
 use crate::output::outln;
+use crate::qmp::client::Client;
 
 /// Show each replica's state, missed bytes and generation, the dirty
 /// regions and whether the last daemon stopped cleanly, from the disk's
 /// record (see `serve --state`), as `mdadm --detail` does for an array.
 ///
-/// The record is read without its lock: this works while `quorum serve`
-/// runs (the report then says the disk is in use, and is a snapshot).
+/// When the disk's daemon runs, its monitor is asked too (found through
+/// `<record>.run`, which `quorum serve` writes): the report then shows the
+/// live state of every replica, resync progress and exact counters
+/// (reads, writes, errors, bad votes). `--qmp PATH` asks a monitor
+/// directly, without the XML; `--offline` reads only the record.
 ///
-/// Exit status: 0 the record was read (whatever the replicas' states),
-/// 1 no usable record (missing or corrupt: the report says so and what the
-/// next start does) or invalid XML, 2 usage error.
+/// The record is read without its lock: this works while `quorum serve`
+/// runs (the report then says the disk is in use).
+///
+/// Exit status: 0 the record was read or the monitor answered (whatever
+/// the replicas' states), 1 no usable record (missing or corrupt: the
+/// report says so and what the next start does), invalid XML, or a
+/// monitor that does not answer, 2 usage error.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 Exit status:
-  0   the record was read, whatever the replicas' states
+  0   the record was read or the monitor answered, whatever the replicas'
+      states
   1   no usable record (missing or corrupt; the report still prints and
-      says what the next start does), or invalid XML
+      says what the next start does), invalid XML, or --qmp did not answer
   2   usage error (unknown option, missing argument)
 
 Examples:
-  quorum status examples/quorum.xml
+  quorum status examples/quorum.xml            live when its daemon runs
+  quorum status examples/quorum.xml --offline  the record only
   quorum status examples/quorum.xml --json
+  quorum status --qmp /var/lib/quorum/vda-0123456789abcdef.qmp
   quorum status domain.xml --target vdb --state /var/lib/quorum/vdb.state")]
 pub struct Args {
     /// Quorum disk XML (a <disk> or a <domain>).
-    pub file: PathBuf,
+    #[arg(required_unless_present = "qmp")]
+    pub file: Option<PathBuf>,
+    /// Ask the monitor at this socket (`quorum serve --qmp PATH`) for the
+    /// live state; with FILE, the record is read as well.
+    #[arg(long, value_name = "PATH", conflicts_with = "offline")]
+    pub qmp: Option<PathBuf>,
+    /// Read only the record, even when the daemon runs.
+    #[arg(long)]
+    pub offline: bool,
     /// Which disk of a <domain> (its target dev); default: the first quorum disk.
     #[arg(long, value_name = "DEV")]
     pub target: Option<String>,
@@ -59,6 +81,8 @@ pub struct Args {
 pub enum Source {
     /// The record file, read offline.
     Record,
+    /// The running daemon's monitor (and the record, when the XML was given).
+    Monitor,
 }
 
 /// Everything `quorum status` reports.
@@ -68,10 +92,23 @@ pub struct Status {
     pub source: Source,
     /// The disk as configured.
     pub disk: DiskInfo,
-    /// The record.
-    pub record: RecordInfo,
+    /// The record (absent with `--qmp` alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordInfo>,
     /// One entry per configured replica, in disk order.
     pub replicas: Vec<ReplicaInfo>,
+    /// What the running daemon's monitor said (`source: monitor`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<Live>,
+}
+
+/// The live part of a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Live {
+    /// The monitor socket asked.
+    pub socket: PathBuf,
+    /// Its `query-quorum` reply, as is.
+    pub quorum: serde_json::Value,
 }
 
 /// The disk as the XML and the record describe it.
@@ -144,22 +181,112 @@ pub struct ReplicaInfo {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = load_disk(&args.file, args.target.as_deref())?;
+    let Some(file) = &args.file else {
+        // --qmp alone: the monitor is all there is.
+        let socket = args.qmp.clone().expect("clap requires FILE or --qmp");
+        let mut c = Client::connect(&socket)?;
+        let quorum = c.execute("query-quorum", json!({}))?;
+        let status = from_monitor(Live { socket, quorum });
+        print(&status, args.json)?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    let cfg = load_disk(file, args.target.as_deref())?;
     let path = args
         .state
         .clone()
         .unwrap_or_else(|| super::state::default_path(&cfg));
-    let status = from_record(&cfg, &path, quorum_engine::record::inspect(&path));
-    if args.json {
-        outln!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print_text(&status);
+    let mut status = from_record(&cfg, &path, quorum_engine::record::inspect(&path));
+    let live = match &args.qmp {
+        Some(q) => Some((q.clone(), Client::connect(q)?)),
+        None if !args.offline => super::monitor::find_running(&path).ok(),
+        None => None,
+    };
+    if let Some((socket, mut c)) = live {
+        let quorum = c.execute("query-quorum", json!({}))?;
+        apply_live(&mut status, Live { socket, quorum });
     }
-    Ok(ExitCode::from(if status.record.status == "ok" {
+    print(&status, args.json)?;
+    let record_ok = status.record.as_ref().is_some_and(|r| r.status == "ok");
+    Ok(ExitCode::from(if record_ok || status.monitor.is_some() {
         crate::exit::OK
     } else {
         crate::exit::ERROR
     }))
+}
+
+fn print(status: &Status, json: bool) -> anyhow::Result<()> {
+    if json {
+        outln!("{}", serde_json::to_string_pretty(status)?);
+    } else {
+        print_text(status);
+    }
+    Ok(())
+}
+
+/// A report from the monitor alone (`--qmp` without the XML).
+fn from_monitor(live: Live) -> Status {
+    let q = &live.quorum;
+    let reps = q["replicas"].as_array().cloned().unwrap_or_default();
+    let mut s = Status {
+        source: Source::Monitor,
+        disk: DiskInfo {
+            target: q["id"].as_str().unwrap_or("").to_owned(),
+            size: q["size"].as_u64(),
+            threshold: q["threshold"].as_u64().unwrap_or(0) as u32,
+            replicas: reps.len(),
+        },
+        record: None,
+        replicas: reps
+            .iter()
+            .enumerate()
+            .map(|(k, r)| ReplicaInfo {
+                index: k,
+                source: r["uri"].as_str().unwrap_or("").to_owned(),
+                state: None,
+                missed_bytes: None,
+                generation: None,
+            })
+            .collect(),
+        monitor: None,
+    };
+    apply_live(&mut s, live);
+    s
+}
+
+/// Overlay the monitor's live states and missed bytes on a report.
+fn apply_live(s: &mut Status, live: Live) {
+    s.source = Source::Monitor;
+    if s.disk.size.is_none() {
+        s.disk.size = live.quorum["size"].as_u64();
+    }
+    if let Some(reps) = live.quorum["replicas"].as_array() {
+        for (r, l) in s.replicas.iter_mut().zip(reps) {
+            if let Some(st) = l["state"].as_str().and_then(state_name) {
+                r.state = Some(st);
+            }
+            if let Some(m) = l["missed-bytes"].as_u64() {
+                r.missed_bytes = Some(m);
+            }
+            if r.source.is_empty() {
+                r.source = l["uri"].as_str().unwrap_or("").to_owned();
+            }
+        }
+    }
+    s.monitor = Some(live);
+}
+
+/// The static name of a replica state the monitor reported.
+fn state_name(s: &str) -> Option<&'static str> {
+    [
+        ReplicaState::InSync,
+        ReplicaState::Stale,
+        ReplicaState::Resyncing,
+        ReplicaState::Failed,
+        ReplicaState::New,
+    ]
+    .into_iter()
+    .map(ReplicaState::as_str)
+    .find(|n| *n == s)
 }
 
 /// Fill a [`Status`] from what [`quorum_engine::record::inspect`] returned.
@@ -214,7 +341,7 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
             Status {
                 source: Source::Record,
                 disk,
-                record: RecordInfo {
+                record: Some(RecordInfo {
                     path: path.to_owned(),
                     status: "ok",
                     problem: None,
@@ -229,8 +356,9 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
                     full_comparison_pending: Some(i.unknown_regions > 0),
                     unknown_regions: Some(i.unknown_regions),
                     bad_pages: i.bad_pages,
-                },
+                }),
                 replicas,
+                monitor: None,
             }
         }
         Err(why) => {
@@ -242,7 +370,7 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
             Status {
                 source: Source::Record,
                 disk,
-                record: RecordInfo {
+                record: Some(RecordInfo {
                     path: path.to_owned(),
                     status,
                     problem: Some(problem),
@@ -257,7 +385,8 @@ pub fn from_record(cfg: &DiskConfig, path: &Path, got: Result<Inspection, Distru
                     full_comparison_pending: None,
                     unknown_regions: None,
                     bad_pages: 0,
-                },
+                }),
+                monitor: None,
                 replicas: cfg
                     .replicas
                     .iter()
@@ -280,7 +409,6 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 fn print_text(s: &Status) {
-    let r = &s.record;
     let line = |k: &str, v: String| outln!("{k:>24} : {v}");
     outln!("{}:", s.disk.target);
     line(
@@ -294,50 +422,59 @@ fn print_text(s: &Status) {
         "Threshold",
         format!("{} of {} replicas", s.disk.threshold, s.disk.replicas),
     );
-    line("Record", r.path.display().to_string());
-    match &r.problem {
-        Some(p) => line("Record state", format!("{}: {p}", r.status)),
-        None => line("Record state", "ok".to_owned()),
+    if let Some(m) = &s.monitor {
+        print_live_disk(m, &line);
     }
-    line(
-        "In use",
-        if r.in_use {
-            "yes, by a running daemon (or check); figures are a snapshot".to_owned()
-        } else {
-            "no".to_owned()
-        },
-    );
-    if let (Some(clean), Some(dirty), Some(bytes), Some(region), Some(compare)) = (
-        r.clean_shutdown,
-        r.dirty_regions,
-        r.dirty_bytes,
-        r.region_size,
-        r.full_comparison_pending,
-    ) {
-        line("Last clean shutdown", yes_no(clean).to_owned());
+    if let Some(r) = &s.record {
+        line("Record", r.path.display().to_string());
+        match &r.problem {
+            Some(p) => line("Record state", format!("{}: {p}", r.status)),
+            None => line("Record state", "ok".to_owned()),
+        }
         line(
-            "Dirty regions",
-            format!(
-                "{dirty} ({}, {} each)",
-                human_size(bytes),
-                human_size(region)
-            ),
-        );
-        line(
-            "Full comparison pending",
-            match r.unknown_regions {
-                Some(n) if compare => format!("yes ({n} region(s) not compared yet)"),
-                _ => yes_no(compare).to_owned(),
+            "In use",
+            if r.in_use {
+                "yes, by a running daemon (or check); figures are a snapshot".to_owned()
+            } else {
+                "no".to_owned()
             },
         );
-        if r.bad_pages > 0 {
+        if let (Some(clean), Some(dirty), Some(bytes), Some(region), Some(compare)) = (
+            r.clean_shutdown,
+            r.dirty_regions,
+            r.dirty_bytes,
+            r.region_size,
+            r.full_comparison_pending,
+        ) {
+            line("Last clean shutdown", yes_no(clean).to_owned());
             line(
-                "Corrupt bitmap pages",
-                format!("{} (counted as dirty/missed)", r.bad_pages),
+                "Dirty regions",
+                format!(
+                    "{dirty} ({}, {} each)",
+                    human_size(bytes),
+                    human_size(region)
+                ),
             );
+            line(
+                "Full comparison pending",
+                match r.unknown_regions {
+                    Some(n) if compare => format!("yes ({n} region(s) not compared yet)"),
+                    _ => yes_no(compare).to_owned(),
+                },
+            );
+            if r.bad_pages > 0 {
+                line(
+                    "Corrupt bitmap pages",
+                    format!("{} (counted as dirty/missed)", r.bad_pages),
+                );
+            }
         }
+        line("Next start", r.next_start.clone());
     }
-    line("Next start", r.next_start.clone());
+    if let Some(m) = &s.monitor {
+        print_live_table(s, m);
+        return;
+    }
     outln!();
     outln!(
         "{:>7}  {:<10} {:>14} {:>10}  Source",
@@ -356,5 +493,106 @@ fn print_text(s: &Status) {
                 .map_or_else(|| "-".to_owned(), |g| g.to_string()),
             rep.source
         );
+    }
+}
+
+/// Latency as `mean/p99` in microseconds.
+fn latency_text(l: &serde_json::Value) -> String {
+    match (l["mean-ns"].as_u64(), l["p99-ns"].as_u64()) {
+        (Some(mean), Some(p99)) => format!("mean {} us, p99 <= {} us", mean / 1000, p99 / 1000),
+        _ => "-".to_owned(),
+    }
+}
+
+/// The disk lines the monitor adds.
+fn print_live_disk(m: &Live, line: &dyn Fn(&str, String)) {
+    let q = &m.quorum;
+    let o = &q["options"];
+    line("Monitor", format!("{} (live)", m.socket.display()));
+    line(
+        "Read pattern",
+        q["read-pattern"].as_str().unwrap_or("?").to_owned(),
+    );
+    let mut flags = Vec::new();
+    for k in ["rewrite-corrupted", "blkverify", "read-only"] {
+        if o[k].as_bool() == Some(true) {
+            flags.push(k.to_owned());
+        }
+    }
+    flags.push(format!("vote granularity {}", o["vote-granularity"]));
+    flags.push(match o["resync-rate"].as_u64() {
+        Some(0) => "resync rate unlimited".to_owned(),
+        Some(r) => format!("resync rate {}/s", human_size(r)),
+        None => "resync rate ?".to_owned(),
+    });
+    line("Options", flags.join(", "));
+    let st = &q["stats"];
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    line(
+        "Requests",
+        format!(
+            "{} reads ({}), {} writes ({}), {} flushes, {} failed",
+            n("reads"),
+            human_size(n("read-bytes")),
+            n("writes"),
+            human_size(n("written-bytes")),
+            n("flushes"),
+            n("failed")
+        ),
+    );
+    for op in ["read", "write", "flush"] {
+        line(
+            &format!("{} latency", capitalise(op)),
+            latency_text(&st["latency"][op]),
+        );
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// One row per replica, from the monitor.
+fn print_live_table(s: &Status, m: &Live) {
+    outln!();
+    outln!(
+        "{:<11} {:<10} {:>12} {:>7} {:>7} {:>9}  Source",
+        "Replica",
+        "State",
+        "Missed",
+        "Resync",
+        "Errors",
+        "Bad votes"
+    );
+    let reps = m.quorum["replicas"].as_array().cloned().unwrap_or_default();
+    for (k, r) in reps.iter().enumerate() {
+        let n = |key: &str| r[key].as_u64().unwrap_or(0);
+        let errors = n("read-errors") + n("write-errors") + n("flush-errors") + n("timeouts");
+        let source = s
+            .replicas
+            .get(k)
+            .map(|x| x.source.clone())
+            .filter(|x| !x.is_empty())
+            .unwrap_or_else(|| r["uri"].as_str().unwrap_or("").to_owned());
+        outln!(
+            "{:<11} {:<10} {:>12} {:>7} {:>7} {:>9}  {}",
+            r["name"].as_str().unwrap_or("?"),
+            r["state"].as_str().unwrap_or("?"),
+            r["missed-bytes"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), human_size),
+            r["resync-progress"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |p| format!("{p}%")),
+            errors,
+            n("bad-votes"),
+            source
+        );
+        if let Some(why) = r["reason"].as_str() {
+            outln!("{:<11} failed: {why}", "");
+        }
     }
 }
