@@ -76,16 +76,24 @@ fn histograms<'a>(
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (labels, lat) in samples {
-        let mut cumulative = 0;
+        // Per-bucket counts: the encoder makes them cumulative.
         let mut buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_NS
             .iter()
             .enumerate()
             .map(|(i, bound)| {
-                cumulative += lat.buckets.get(i).copied().unwrap_or(0);
-                (*bound as f64 / 1e9, cumulative)
+                (
+                    *bound as f64 / 1e9,
+                    lat.buckets.get(i).copied().unwrap_or(0),
+                )
             })
             .collect();
-        buckets.push((f64::INFINITY, lat.count));
+        buckets.push((
+            f64::INFINITY,
+            lat.buckets
+                .get(LATENCY_BOUNDS_NS.len())
+                .copied()
+                .unwrap_or(0),
+        ));
         m.encode_family(&labels)?
             .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                 lat.sum_ns as f64 / 1e9,

@@ -62,9 +62,22 @@ fn sample(text: &str, series: &str) -> f64 {
 fn promtool_accepts_the_exposition_and_counters_are_exact() {
     let promtool = require("promtool");
     let disk = Disk::raw_filled(3, 8 * MIB, 0x11, &Options::default());
+    // The record knows every region (else serve's first comparison would
+    // repair the block below before any read sees it).
+    let checked = support::quorum(["check", "--repair", disk.xml.to_str().unwrap()]);
+    assert!(checked.ok(), "{checked}");
     // Replica 2 differs in one block, behind the daemon's back.
     disk.poke_raw(2, 4096, &[0xee; 4096]);
-    let d = Daemon::start(&disk, &["--metrics", "127.0.0.1:0"]);
+    let qmp_path = disk.dir.path().join("qmp.sock");
+    let d = Daemon::start(
+        &disk,
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--qmp",
+            qmp_path.to_str().unwrap(),
+        ],
+    );
     let addr = metrics_addr(&disk);
 
     // Two reads over the bad block, one elsewhere; two writes; one flush.
@@ -145,6 +158,36 @@ fn promtool_accepts_the_exposition_and_counters_are_exact() {
             "quorum_request_duration_seconds_count{disk=\"vda\",op=\"write\"}"
         ),
         2.0
+    );
+
+    // The monitor's query-quorum has the same figures (nothing ran in
+    // between).
+    let mut q = support::qmp::Qmp::connect(&qmp_path);
+    let v = q.ok("query-quorum", serde_json::json!({}));
+    for (i, rep) in v["replicas"].as_array().unwrap().iter().enumerate() {
+        for (key, metric) in [
+            ("reads", "reads_total"),
+            ("writes", "writes_total"),
+            ("read-errors", "read_errors_total"),
+            ("write-errors", "write_errors_total"),
+            ("flush-errors", "flush_errors_total"),
+            ("bad-votes", "bad_votes_total"),
+            ("rewrites", "rewrites_total"),
+            ("timeouts", "timeouts_total"),
+        ] {
+            assert_eq!(
+                rep[key].as_u64().map(|n| n as f64),
+                Some(r(metric, i)),
+                "replica-{i} {key}: {v}"
+            );
+        }
+    }
+    assert_eq!(
+        v["stats"]["reads"].as_u64().map(|n| n as f64),
+        Some(sample(
+            &text,
+            "quorum_requests_total{disk=\"vda\",op=\"read\"}"
+        ))
     );
 
     // HEAD has no body; other paths and methods are refused.
