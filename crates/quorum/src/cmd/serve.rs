@@ -309,6 +309,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?;
     // The monitor socket, once bound (removed at stop).
     let mut monitor: Option<PathBuf> = None;
+    // The NBD socket, once bound by this process (a socket another server
+    // owns is never removed, even when starting fails because of it).
+    let mut bound_socket: Option<PathBuf> = None;
     let result = rt.block_on(async {
         // Before the socket and pid file exist: whoever sees them may signal.
         let stop_signals =
@@ -327,6 +330,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         let (listener, uri) = bind(&args, &name).await?;
+        bound_socket = args.socket.clone();
         let metrics_stop = CancellationToken::new();
         let _metrics_guard = metrics_stop.clone().drop_guard();
         let metrics = match args.metrics {
@@ -389,10 +393,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for (replica, e) in &failures {
         tracing::error!(replica = %replica, error = %e, "final flush failed");
     }
-    if let Some(p) = &args.socket {
-        let _ = std::fs::remove_file(p);
-    }
-    for p in [&args.pid_file, &monitor, &run_file].into_iter().flatten() {
+    for p in [&bound_socket, &args.pid_file, &monitor, &run_file]
+        .into_iter()
+        .flatten()
+    {
         let _ = std::fs::remove_file(p);
     }
     result?;
