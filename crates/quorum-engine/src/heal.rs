@@ -22,8 +22,16 @@
 //! Ordering: a region is settled under an exclusive range lock before any
 //! request in it runs; resync copies a chunk under the chunk's exclusive
 //! range lock, so a guest write to it either happens before (and is copied)
-//! or after (and reaches the replica itself). What the record stores and
-//! when it is synced is said in [`crate::record`].
+//! or after (and reaches the replica itself). Each resync batch (pick a
+//! replica, copy, flush, clear its bits) runs under the members' control
+//! lock, so a replica replaced, removed or added meanwhile never inherits
+//! bits cleared for the one before it. What the record stores and when it
+//! is synced is said in [`crate::record`].
+//!
+//! A replica put in a slot by the control plane (replaced, added) is `new`:
+//! every chunk missed, so it votes nowhere and is read nowhere, but gets
+//! every write; the resync rebuilds it in full and it turns `in-sync`
+//! (QUORUM_RESYNC_COMPLETED) when no missed bit is left.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -34,7 +42,7 @@ use parking_lot::Mutex;
 use quorum_vote::{Copy, Granularity, Mask, Verdict, vote_read, vote_reconcile};
 
 use crate::events::{Counters, Event, OpType, sectors};
-use crate::membership::{Members, ReplicaState, is_unreachable};
+use crate::membership::{Members, ReplicaState, Slot, is_unreachable};
 use crate::record::{Record, RecordError};
 
 /// How often idle dirty regions are flushed and cleared.
@@ -65,11 +73,12 @@ pub(crate) struct Heal {
     /// (writes were in flight) or unknown (never compared).
     unsettled: Mutex<Vec<bool>>,
     unsettled_left: AtomicU64,
-    /// Resync rate limit in bytes per second (0: none).
-    rate: u64,
+    /// Resync rate limit in bytes per second (0: none); changed live.
+    rate: AtomicU64,
     /// Bytes the resync copied so far (all replicas).
     copied: AtomicU64,
-    /// Bytes the resync copied to each replica since its last completion.
+    /// Bytes the resync copied to each replica since its last completion
+    /// (or since another replica took its slot), for every possible slot.
     copied_to: Vec<AtomicU64>,
     /// Bytes rewritten while settling regions.
     reconciled: AtomicU64,
@@ -123,9 +132,11 @@ impl Heal {
             epoch: AtomicU64::new(0),
             unsettled: Mutex::new(unsettled),
             unsettled_left: AtomicU64::new(dirty.len() as u64),
-            rate,
+            rate: AtomicU64::new(rate),
             copied: AtomicU64::new(0),
-            copied_to: (0..h.replicas.len()).map(|_| AtomicU64::new(0)).collect(),
+            copied_to: (0..quorum_vote::MAX_REPLICAS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             reconciled: AtomicU64::new(0),
             active,
             warned: Mutex::new(None),
@@ -169,17 +180,96 @@ impl Heal {
         offset / self.chunk..(offset + len.max(1)).div_ceil(self.chunk)
     }
 
-    /// Persist replica `i`'s state (logged, not fatal, on failure).
+    /// Persist replica `i`'s state (logged, not fatal, on failure). A
+    /// replica being rebuilt stays `new` in the record until it is in
+    /// sync, so a restart resumes a rebuild as one.
     pub(crate) fn save_state(&self, i: usize, state: ReplicaState) {
         if !self.active {
             return;
         }
-        if let Err(e) = self
-            .record
-            .write_header(|h| h.replicas[i].state = state as u8)
-        {
+        if let Err(e) = self.record.write_header(|h| {
+            let e = &mut h.replicas[i].state;
+            *e = recorded_state(*e, state as u8);
+        }) {
             tracing::error!(error = %e, "cannot record a replica state change");
         }
+    }
+
+    /// The record has replica `i` as new: it is being rebuilt in full.
+    pub(crate) fn is_rebuilding(&self, i: usize) -> bool {
+        self.record
+            .header()
+            .replicas
+            .get(i)
+            .is_some_and(|e| e.state == ReplicaState::New as u8)
+    }
+
+    /// Is the record kept up to date (not a read-only disk)?
+    pub(crate) fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The resync rate limit, bytes per second (0: none).
+    pub(crate) fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_rate(&self, bytes_per_second: u64) {
+        self.rate.store(bytes_per_second, Ordering::Relaxed);
+    }
+
+    /// Resync progress of replica `i` in percent, while it has missed
+    /// chunks: copied since it started / (copied + still missed).
+    pub(crate) fn progress(&self, i: usize) -> Option<u8> {
+        let left = self.record.missed_count(i) * self.chunk;
+        if left == 0 {
+            return None;
+        }
+        let done = self.copied_to[i].load(Ordering::Relaxed);
+        Some((done * 100 / (done + left)) as u8)
+    }
+
+    /// Durably, before replica `i`'s slot takes another replica (identity
+    /// `identity`, 0: unknown) to rebuild in full: every chunk missed,
+    /// then the header says `new` (see the record's module doc).
+    pub(crate) fn record_new(&self, i: usize, identity: u64) -> Result<(), RecordError> {
+        self.record.mark_all_missed(i);
+        self.record.sync()?;
+        self.record.write_header(|h| {
+            let e = &mut h.replicas[i];
+            e.state = ReplicaState::New as u8;
+            e.identity = identity;
+            e.generation += 1;
+        })?;
+        self.copied_to[i].store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Durably, before replica `i` leaves the disk: every chunk missed,
+    /// then the header says removed and forgets its identity, so the
+    /// same replica coming back is rebuilt in full.
+    pub(crate) fn record_removed(&self, i: usize) -> Result<(), RecordError> {
+        self.record.mark_all_missed(i);
+        self.record.sync()?;
+        self.record.write_header(|h| {
+            let e = &mut h.replicas[i];
+            e.state = crate::record::STATE_REMOVED;
+            e.identity = 0;
+        })?;
+        self.copied_to[i].store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Durably list one more replica (identity `identity`), new with every
+    /// chunk missed; returns its index.
+    pub(crate) fn record_added(&self, identity: u64) -> Result<usize, RecordError> {
+        let i = self.record.grow(crate::record::ReplicaEntry {
+            state: ReplicaState::New as u8,
+            generation: 1,
+            identity,
+        })?;
+        self.copied_to[i].store(0, Ordering::Relaxed);
+        Ok(i)
     }
 
     /// A replica opened with `identity` (0: unknown). Returns true if the
@@ -304,6 +394,16 @@ impl Heal {
     }
 }
 
+/// The state byte to record for a replica the record has as `recorded`
+/// and that is now `now`: a replica being rebuilt stays new until in sync.
+fn recorded_state(recorded: u8, now: u8) -> u8 {
+    if recorded == ReplicaState::New as u8 && now != ReplicaState::InSync as u8 {
+        recorded
+    } else {
+        now
+    }
+}
+
 /// Region bounds, clipped to the disk.
 fn bounds(start: u64, len: u64, size: u64) -> (u64, u64) {
     (start, (start + len).min(size) - start)
@@ -334,15 +434,15 @@ impl Members {
     /// missed something there.
     pub(crate) fn stale_mask(&self, offset: u64, len: u64) -> Mask {
         let Some(h) = &self.heal else { return 0 };
-        if self.slots.iter().all(|s| s.state() == ReplicaState::InSync) {
-            return 0;
-        }
         let lagging = self
-            .slots
+            .slots()
             .iter()
             .enumerate()
-            .filter(|(_, s)| !matches!(s.state(), ReplicaState::InSync | ReplicaState::Failed))
+            .filter(|(_, s)| s.is_lagging())
             .fold(0, |m: Mask, (i, _)| m | 1 << i);
+        if lagging == 0 {
+            return 0;
+        }
         // Only lagging replicas are looked up: no record lock for the others.
         h.missed_mask(lagging, offset, len)
     }
@@ -353,7 +453,7 @@ impl Members {
         let h = self.heal();
         let mut all: Mask = 0;
         for &(mask, offset, len) in ranges {
-            for i in (0..self.slots.len()).filter(|i| mask & (1 << i) != 0) {
+            for i in (0..self.slots().len()).filter(|i| mask & (1 << i) != 0) {
                 h.record.mark_missed(i, h.chunks(offset, len));
             }
             all |= mask;
@@ -364,7 +464,7 @@ impl Members {
         if let Err(e) = h.record.sync() {
             tracing::error!(error = %e, "cannot record missed chunks");
         }
-        for i in (0..self.slots.len()).filter(|i| all & (1 << i) != 0) {
+        for i in (0..self.slots().len()).filter(|i| all & (1 << i) != 0) {
             self.note_missed(i);
         }
     }
@@ -380,10 +480,10 @@ impl Members {
         // Never compared since a fresh record: only a majority decides.
         // Dirty from writes in flight at a crash: every block is decided.
         let compare_only = h.record.is_unknown(r);
-        let n = self.slots.len();
+        let n = self.slots().len();
         // Replicas that are not up miss whatever is made equal here.
         let down: Mask = (0..n)
-            .filter(|&i| !self.slots[i].is_up())
+            .filter(|&i| !self.slots()[i].is_up())
             .fold(0, |m, i| m | 1 << i);
         // What each replica missed here, per piece (a replica that is down
         // misses the whole region).
@@ -400,7 +500,7 @@ impl Members {
             let mut bufs: Vec<Option<Vec<u8>>> = vec![None; n];
             for &i in &eligible {
                 let mut b = vec![0u8; piece as usize];
-                match self.slots[i].replica().read_at(&mut b, at) {
+                match self.slots()[i].replica().read_at(&mut b, at) {
                     Ok(()) => bufs[i] = Some(b),
                     Err(e) => {
                         if is_unreachable(&e) {
@@ -438,18 +538,18 @@ impl Members {
                                 let (sector_num, sectors_count) =
                                     sectors(at + b.start as u64, b.len as u64);
                                 Counters::add(
-                                    &self.slots[j].counters.voted_out_bytes,
+                                    &self.slots()[j].counters.voted_out_bytes,
                                     b.len as u64,
                                 );
                                 self.events.emit(Event::ReportBad {
                                     op: OpType::Read,
                                     error: None,
-                                    node_name: self.slots[j].name.clone(),
+                                    node_name: self.slots()[j].name.clone(),
                                     sector_num,
                                     sectors_count,
                                 });
                             }
-                            match self.slots[j].replica().write_at(
+                            match self.slots()[j].replica().write_at(
                                 &data,
                                 at + b.start as u64,
                                 false,
@@ -469,7 +569,7 @@ impl Members {
         }
         // A replica whose flush failed may have lost any of it.
         for j in (0..n).filter(|j| written & (1 << j) != 0) {
-            if self.slots[j].replica().flush().is_err() {
+            if self.slots()[j].replica().flush().is_err() {
                 missed.push((1 << j, start, len));
             }
         }
@@ -486,24 +586,19 @@ impl Members {
     fn next_to_resync(&self) -> Option<usize> {
         let h = self.heal();
         let mut pick = None;
-        for (i, s) in self.slots.iter().enumerate() {
-            let st = s.state();
-            if !matches!(
-                st,
-                ReplicaState::Stale | ReplicaState::Resyncing | ReplicaState::New
-            ) {
+        for (i, s) in self.slots().iter().enumerate() {
+            if !s.is_lagging() {
                 continue;
             }
+            let st = s.state();
             if h.record.missed_count(i) == 0 {
                 if s.transition(st, ReplicaState::InSync) {
                     let bytes = h.copied_to[i].swap(0, Ordering::AcqRel);
                     self.announce(i, st, ReplicaState::InSync, "resync completed".into());
-                    tracing::info!(
-                        replica = %s.name,
-                        copied_bytes = bytes,
-                        "resync of {} completed: {bytes} bytes copied",
-                        s.name
-                    );
+                    self.events.emit(Event::ResyncCompleted {
+                        node_name: s.name.clone(),
+                        bytes,
+                    });
                 }
             } else if pick.is_none() {
                 pick = Some(i);
@@ -518,7 +613,7 @@ impl Members {
     /// vote, one write.
     fn resync_batch(self: &Arc<Self>, i: usize, from: &mut u64, max_chunks: u64) -> u64 {
         let h = self.heal();
-        let slot = &self.slots[i];
+        let slot = &self.slots()[i];
         let st = slot.state();
         if st != ReplicaState::Resyncing && slot.transition(st, ReplicaState::Resyncing) {
             self.announce(
@@ -528,7 +623,7 @@ impl Members {
                 "copying what it missed".into(),
             );
         }
-        let n = self.slots.len();
+        let n = self.slots().len();
         let mut done: Vec<Range<u64>> = Vec::new();
         let mut bytes = 0;
         let mut c = match h
@@ -563,13 +658,13 @@ impl Members {
             }
             // Sources: up, and missed nothing in the run.
             let sources: Vec<usize> = (0..n)
-                .filter(|&j| j != i && self.slots[j].is_up() && !h.record.missed_any(j, c..end))
+                .filter(|&j| j != i && self.slots()[j].is_up() && !h.record.missed_any(j, c..end))
                 .collect();
             let mut read_ok: Mask = 0;
             for &j in &sources {
                 let b = &mut bufs[j];
                 b.resize(len as usize, 0);
-                if self.slots[j].replica().read_at(b, start).is_ok() {
+                if self.slots()[j].replica().read_at(b, start).is_ok() {
                     read_ok |= 1 << j;
                 }
             }
@@ -658,11 +753,11 @@ impl Members {
             return true;
         }
         let epoch = h.epoch.load(Ordering::Acquire);
-        for (i, s) in self.slots.iter().enumerate() {
+        for (i, s) in self.slots().iter().enumerate() {
             if s.is_up()
                 && let Err(e) = s.replica().flush()
             {
-                tracing::debug!(replica = %self.slots[i].name, error = %e, "flush before clearing dirty regions failed");
+                tracing::debug!(replica = %self.slots()[i].name, error = %e, "flush before clearing dirty regions failed");
                 return false;
             }
         }
@@ -693,11 +788,11 @@ impl Members {
         if let Err(e) = h.record.sync() {
             tracing::error!(error = %e, "cannot write the record at close");
         }
-        let states: Vec<u8> = self.slots.iter().map(|s| s.state() as u8).collect();
+        let states: Vec<u8> = self.slots().iter().map(Slot::state_byte).collect();
         let res = h.record.write_header(|hd| {
             hd.clean = clean;
             for (e, s) in hd.replicas.iter_mut().zip(&states) {
-                e.state = *s;
+                e.state = recorded_state(e.state, *s);
             }
         });
         if let Err(e) = res {
@@ -732,8 +827,12 @@ impl Members {
             }
         }
         let mut copied = 0;
-        let mut from = vec![0u64; self.slots.len()];
-        while let Some(i) = self.next_to_resync() {
+        let mut from = vec![0u64; quorum_vote::MAX_REPLICAS];
+        loop {
+            let _control = self.control.lock();
+            let Some(i) = self.next_to_resync() else {
+                break;
+            };
             let n = self.resync_batch(i, &mut from[i], BATCH_CHUNKS);
             if n == 0 && from[i] == 0 {
                 break;
@@ -744,11 +843,33 @@ impl Members {
         copied
     }
 
+    /// Wait as long as copying `n` bytes at the resync rate takes from
+    /// `started`, following rate changes (0 ends the wait); true when the
+    /// disk closes.
+    fn throttle(&self, n: u64, started: Instant) -> bool {
+        let h = self.heal();
+        loop {
+            let rate = h.rate();
+            if rate == 0 {
+                return false;
+            }
+            let d = Duration::from_secs_f64(n as f64 / rate as f64);
+            let Some(left) = d.checked_sub(started.elapsed()).filter(|l| !l.is_zero()) else {
+                return false;
+            };
+            // New work or a rate change wakes this early; the loop then
+            // waits out what is left at the current rate.
+            if self.wait_for_work(left) {
+                return true;
+            }
+        }
+    }
+
     fn healer_loop(self: Arc<Self>) {
         let h = self.heal();
         let mut last_clean = Instant::now();
         let mut progress = Progress::default();
-        let mut from = vec![0u64; self.slots.len()];
+        let mut from = vec![0u64; quorum_vote::MAX_REPLICAS];
         loop {
             if self.is_closed() {
                 return;
@@ -757,30 +878,32 @@ impl Members {
             if let Some(r) = h.next_unsettled() {
                 self.settle_region(r);
                 busy = true;
-            } else if let Some(i) = self.next_to_resync() {
-                if progress.replica != Some(i) {
-                    progress = Progress::starting(i);
-                }
-                // A throttled batch is a quarter second's worth at the rate.
-                let max = if h.rate == 0 {
-                    BATCH_CHUNKS
-                } else {
-                    (h.rate / 4 / h.chunk).clamp(1, BATCH_CHUNKS)
-                };
-                let n = self.resync_batch(i, &mut from[i], max);
-                busy = n > 0;
-                progress.add(&self, i, n);
-                if h.rate > 0 && n > 0 {
-                    // Throttle: as long as copying n bytes at the rate takes.
-                    let d = Duration::from_secs_f64(n as f64 / h.rate as f64);
-                    let spent = progress.batch_started.elapsed();
-                    if d > spent && self.wait(d - spent) {
+            } else {
+                // One batch under the control lock: no replica is replaced,
+                // removed or added while it copies and clears missed bits.
+                let control = self.control.lock();
+                if let Some(i) = self.next_to_resync() {
+                    if progress.replica != Some(i) {
+                        progress = Progress::starting(i);
+                    }
+                    // A throttled batch is a quarter second's worth at the rate.
+                    let rate = h.rate();
+                    let max = if rate == 0 {
+                        BATCH_CHUNKS
+                    } else {
+                        (rate / 4 / h.chunk).clamp(1, BATCH_CHUNKS)
+                    };
+                    let n = self.resync_batch(i, &mut from[i], max);
+                    drop(control);
+                    busy = n > 0;
+                    progress.add(&self, i, n);
+                    if n > 0 && self.throttle(n, progress.batch_started) {
                         return;
                     }
+                    progress.batch_started = Instant::now();
+                } else {
+                    progress.replica = None;
                 }
-                progress.batch_started = Instant::now();
-            } else {
-                progress.replica = None;
             }
             if last_clean.elapsed() >= CLEAN_EVERY {
                 self.clean_dirty();
@@ -837,9 +960,9 @@ impl Progress {
         let rate = self.bytes as f64 / secs;
         let total = left + self.bytes;
         tracing::info!(
-            replica = %m.slots[i].name,
+            replica = %m.slots()[i].name,
             "resync of {}: {:.0}% ({} MiB left), {:.0} MiB/s, ETA {:.0} s",
-            m.slots[i].name,
+            m.slots()[i].name,
             100.0 * self.bytes as f64 / total.max(1) as f64,
             left >> 20,
             rate / f64::from(1 << 20),

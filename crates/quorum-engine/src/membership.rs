@@ -21,14 +21,37 @@
 //! stops when the replica answers or the disk is dropped.
 //!
 //! The replica behind a slot can be swapped (a replica that opens late
-//! replaces its placeholder), so requests take an `Arc` of it for their
-//! duration. The states are the first of the lifecycle the engine will
-//! track (in-sync, stale, resyncing, failed, new): this module is where they
-//! live, one atomic per replica, read by every request without locks.
+//! replaces its placeholder, the control plane replaces a replica), so
+//! requests take an `Arc` of it for their duration. The states (in-sync,
+//! stale, resyncing, failed, new) live here, one atomic per replica, read by
+//! every request without locks.
+//!
+//! Slots are stored for the most replicas a quorum can have
+//! ([`quorum_vote::MAX_REPLICAS`]), allocated once and never moved, so a
+//! replica can be added while requests run without a lock on their path:
+//!
+//! ```text
+//!   all:  [ r0 | r1 | (removed) | r3 | vacant ... vacant ]   64 slots
+//!           └──────── span ─────────┘                        requests see slots()[..span]
+//! ```
+//!
+//! A slot's index is its bit in vote masks and its place in the record.
+//! `span` only grows (by one, when a replica is added past the last slot),
+//! and only while the disk is quiesced ([`crate::range_lock::RangeLock::lock_all`]),
+//! so a request that took the range lock sees one length throughout. A
+//! removed slot inside the span is empty (its own state, not up: never
+//! asked, never voting, never retried) until an added replica reuses it;
+//! an add takes the first empty slot, so holes last only until then. A
+//! slot keeps its node name: slot `k` of a disk opened from its
+//! configuration is `replica-k`, and a slot past the configured ones is
+//! named `replica-k` too.
+//!
+//! Membership changes, the healer's batches and the retry threads' swaps
+//! are serialised by one control mutex that no request takes.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -97,6 +120,12 @@ impl fmt::Display for ReplicaState {
     }
 }
 
+/// The state byte of an empty slot (a removed replica, or none yet); the
+/// record stores the same value for a removed replica.
+pub(crate) const VACANT: u8 = crate::record::STATE_REMOVED;
+/// How an empty slot is named in events.
+pub(crate) const VACANT_NAME: &str = "removed";
+
 /// True for errors that say the replica cannot be reached at all, as
 /// opposed to one request failing on it.
 pub fn is_unreachable(e: &ReplicaError) -> bool {
@@ -121,6 +150,11 @@ pub(crate) struct Slot {
     pub(crate) name: String,
     replica: RwLock<Arc<dyn Replica>>,
     state: AtomicU8,
+    /// Where the replica is (a path, an NBD URI), for people.
+    uri: Mutex<String>,
+    /// Bumped whenever another replica takes the slot (replaced, removed,
+    /// added): a retry thread of an earlier one stops.
+    generation: AtomicU64,
     /// Why it failed (for logs and errors of skipped requests).
     reason: Mutex<String>,
     /// How to open it again, while it never opened.
@@ -139,11 +173,13 @@ impl fmt::Debug for Slot {
 }
 
 impl Slot {
-    pub(crate) fn new(name: String, replica: Box<dyn Replica>) -> Slot {
+    pub(crate) fn new(name: String, uri: String, replica: Box<dyn Replica>) -> Slot {
         Slot {
             name,
             replica: RwLock::new(Arc::from(replica)),
             state: AtomicU8::new(ReplicaState::InSync as u8),
+            uri: Mutex::new(uri),
+            generation: AtomicU64::new(0),
             reason: Mutex::new(String::new()),
             reopen: Mutex::new(None),
             counters: Counters::default(),
@@ -152,7 +188,13 @@ impl Slot {
 
     /// A replica that could not be opened: a placeholder of `size` bytes
     /// that is never asked, until `reopen` succeeds.
-    pub(crate) fn missing(name: String, size: u64, reason: String, reopen: Option<Reopen>) -> Slot {
+    pub(crate) fn missing(
+        name: String,
+        uri: String,
+        size: u64,
+        reason: String,
+        reopen: Option<Reopen>,
+    ) -> Slot {
         let placeholder = Unavailable {
             size,
             reason: reason.clone(),
@@ -161,8 +203,28 @@ impl Slot {
             name,
             replica: RwLock::new(Arc::new(placeholder)),
             state: AtomicU8::new(ReplicaState::Failed as u8),
+            uri: Mutex::new(uri),
+            generation: AtomicU64::new(0),
             reason: Mutex::new(reason),
             reopen: Mutex::new(reopen),
+            counters: Counters::default(),
+        }
+    }
+
+    /// An empty slot of a disk of `size` bytes.
+    fn vacant(name: String, size: u64) -> Slot {
+        let placeholder = Unavailable {
+            size,
+            reason: "no replica in this slot".into(),
+        };
+        Slot {
+            name,
+            replica: RwLock::new(Arc::new(placeholder)),
+            state: AtomicU8::new(VACANT),
+            uri: Mutex::new(String::new()),
+            generation: AtomicU64::new(0),
+            reason: Mutex::new(String::new()),
+            reopen: Mutex::new(None),
             counters: Counters::default(),
         }
     }
@@ -172,8 +234,73 @@ impl Slot {
         Arc::clone(&self.replica.read())
     }
 
+    /// The state of a replica in the slot (an empty slot reads as stale:
+    /// check [`Slot::is_present`] where that matters).
     pub(crate) fn state(&self) -> ReplicaState {
         ReplicaState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// The state as the record stores it ([`VACANT`] for an empty slot).
+    pub(crate) fn state_byte(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// A replica is in the slot (it was not removed).
+    pub(crate) fn is_present(&self) -> bool {
+        self.state.load(Ordering::Acquire) != VACANT
+    }
+
+    /// Present, up, and missing something: stale, resyncing or new.
+    pub(crate) fn is_lagging(&self) -> bool {
+        let s = self.state.load(Ordering::Acquire);
+        s != VACANT && s != ReplicaState::InSync as u8 && s != ReplicaState::Failed as u8
+    }
+
+    /// The state's name, `removed` for an empty slot.
+    pub(crate) fn state_name(&self) -> &'static str {
+        if self.is_present() {
+            self.state().as_str()
+        } else {
+            VACANT_NAME
+        }
+    }
+
+    /// Where the replica is.
+    pub(crate) fn uri(&self) -> String {
+        self.uri.lock().clone()
+    }
+
+    /// Empty the slot (the caller holds the control lock and has quiesced
+    /// the disk); returns the replica that was there, as [`Slot::install`].
+    pub(crate) fn vacate(&self, size: u64) -> Arc<dyn Replica> {
+        let placeholder = Unavailable {
+            size,
+            reason: "removed from the disk".into(),
+        };
+        self.install(Arc::new(placeholder), String::new(), VACANT)
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Put `replica` in the slot, in state `state` (the caller holds the
+    /// control lock and has quiesced the disk). Returns the replica that
+    /// was there, to drop outside any lock: requests still holding it keep
+    /// it open until they end.
+    pub(crate) fn install(
+        &self,
+        replica: Arc<dyn Replica>,
+        uri: String,
+        state: u8,
+    ) -> Arc<dyn Replica> {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        *self.reopen.lock() = None;
+        self.reason.lock().clear();
+        *self.uri.lock() = uri;
+        let old = std::mem::replace(&mut *self.replica.write(), replica);
+        self.state.store(state, Ordering::Release);
+        old
     }
 
     /// Why it is failed (empty while it is up).
@@ -185,9 +312,11 @@ impl Slot {
         }
     }
 
-    /// Not failed: it is asked (reads only where it missed nothing).
+    /// Present and not failed: it is asked (reads only where it missed
+    /// nothing).
     pub(crate) fn is_up(&self) -> bool {
-        self.state() != ReplicaState::Failed
+        let s = self.state.load(Ordering::Acquire);
+        s != ReplicaState::Failed as u8 && s != VACANT
     }
 
     /// Set the state; returns the old one.
@@ -217,7 +346,13 @@ impl Slot {
 /// Shared by the disk, the retry threads and the healer.
 #[derive(Debug)]
 pub(crate) struct Members {
-    pub(crate) slots: Vec<Slot>,
+    /// Every slot a disk can have (see the module doc); only the first
+    /// `span` are in use.
+    all: Box<[Slot]>,
+    span: AtomicUsize,
+    /// Serialises membership changes, the healer's batches and the retry
+    /// threads' swaps. Never taken by a request.
+    pub(crate) control: Mutex<()>,
     pub(crate) events: EventBus,
     pub(crate) size: u64,
     /// Orders requests, resync and reconciliation on byte ranges.
@@ -231,8 +366,22 @@ pub(crate) struct Members {
 
 impl Members {
     pub(crate) fn new(slots: Vec<Slot>, size: u64, heal: Option<Heal>) -> Arc<Members> {
+        let span = slots.len();
+        let mut all = slots;
+        // Slots past the configured ones are named replica-k, unless a
+        // configured replica took that name already.
+        let mut k = span;
+        while all.len() < quorum_vote::MAX_REPLICAS {
+            while all.iter().any(|s| s.name == format!("replica-{k}")) {
+                k += 1;
+            }
+            all.push(Slot::vacant(format!("replica-{k}"), size));
+            k += 1;
+        }
         let members = Arc::new(Members {
-            slots,
+            all: all.into_boxed_slice(),
+            span: AtomicUsize::new(span),
+            control: Mutex::new(()),
             events: EventBus::default(),
             size,
             ranges: RangeLock::default(),
@@ -240,7 +389,7 @@ impl Members {
             closed: Mutex::new(false),
             wake: Condvar::new(),
         });
-        for (i, slot) in members.slots.iter().enumerate() {
+        for (i, slot) in members.slots().iter().enumerate() {
             if slot.is_up() {
                 continue;
             }
@@ -263,10 +412,31 @@ impl Members {
         members
     }
 
+    /// The slots in use: a replica's index is its place here. Grows only
+    /// while the disk is quiesced (see the module doc).
+    pub(crate) fn slots(&self) -> &[Slot] {
+        &self.all[..self.span.load(Ordering::Acquire)]
+    }
+
+    /// Every slot, used or not (for membership changes).
+    pub(crate) fn all_slots(&self) -> &[Slot] {
+        &self.all
+    }
+
+    /// One more slot in use: `i`, the first past the span (the caller
+    /// holds the control lock and has quiesced the disk).
+    pub(crate) fn extend_span(&self, i: usize) {
+        debug_assert_eq!(self.span.load(Ordering::Acquire), i);
+        self.span.store(i + 1, Ordering::Release);
+    }
+
     /// Mark replica `i` failed after `err`, once: emits the state change
     /// and starts the retry thread.
     pub(crate) fn fail(self: &Arc<Self>, i: usize, err: &ReplicaError) {
-        let slot = &self.slots[i];
+        let slot = &self.slots()[i];
+        if !slot.is_present() {
+            return;
+        }
         let old = slot.state();
         if old == ReplicaState::Failed || !slot.transition(old, ReplicaState::Failed) {
             return;
@@ -286,7 +456,7 @@ impl Members {
             h.save_state(i, new);
         }
         self.events.emit(Event::ReplicaState {
-            node_name: self.slots[i].name.clone(),
+            node_name: self.slots()[i].name.clone(),
             old: old.to_string(),
             new: new.to_string(),
             reason,
@@ -295,7 +465,7 @@ impl Members {
 
     /// Replica `i` has missed chunks now: an in-sync one becomes stale.
     pub(crate) fn note_missed(&self, i: usize) {
-        if self.slots[i].transition(ReplicaState::InSync, ReplicaState::Stale) {
+        if self.slots()[i].transition(ReplicaState::InSync, ReplicaState::Stale) {
             self.announce(
                 i,
                 ReplicaState::InSync,
@@ -318,11 +488,12 @@ impl Members {
 
     fn spawn_retry(members: &Arc<Members>, i: usize) {
         let m = Arc::clone(members);
+        let generation = members.slots()[i].generation();
         let spawned = std::thread::Builder::new()
             .name(format!("quorum-retry-{i}"))
-            .spawn(move || m.retry_loop(i));
+            .spawn(move || m.retry_loop(i, generation));
         if let Err(e) = spawned {
-            tracing::error!(replica = %members.slots[i].name, error = %e, "cannot start the retry thread; the replica stays failed");
+            tracing::error!(replica = %members.slots()[i].name, error = %e, "cannot start the retry thread; the replica stays failed");
         }
     }
 
@@ -351,20 +522,27 @@ impl Members {
         self.wake.notify_all();
     }
 
-    fn retry_loop(&self, i: usize) {
-        let slot = &self.slots[i];
+    /// Bring replica `i` back; stops when another replica takes the slot
+    /// (its `generation` changes).
+    fn retry_loop(&self, i: usize, generation: u64) {
+        let slot = &self.slots()[i];
         let mut delay = FIRST_RETRY;
         loop {
-            if self.wait(delay) {
+            if self.wait(delay) || slot.generation() != generation {
                 return;
             }
-            match self.try_back(i) {
-                Ok((how, replaced)) => {
+            match self.try_back(i, generation) {
+                Ok(None) => return,
+                Ok(Some((how, replaced))) => {
+                    let _control = self.control.lock();
+                    if slot.generation() != generation {
+                        return;
+                    }
                     // Back with what it missed meanwhile recorded: stale
                     // (resynced by the healer) unless it missed nothing; new
                     // (rebuilt in full) if another replica took its place.
                     let to = match &self.heal {
-                        Some(_) if replaced => ReplicaState::New,
+                        Some(h) if replaced || h.is_rebuilding(i) => ReplicaState::New,
                         Some(h) if h.record.missed_count(i) > 0 => ReplicaState::Stale,
                         _ => ReplicaState::InSync,
                     };
@@ -376,6 +554,10 @@ impl Members {
                 }
                 Err(why) => {
                     tracing::debug!(replica = %slot.name, error = %why, "replica still unavailable");
+                    let _control = self.control.lock();
+                    if slot.generation() != generation {
+                        return;
+                    }
                     *slot.reason.lock() = why;
                     delay = (delay * 2).min(MAX_RETRY);
                 }
@@ -385,26 +567,38 @@ impl Members {
 
     /// Reopen the replica if it never opened, then read its first block.
     /// Returns how it came back, and whether it is another replica than
-    /// the record knew (to rebuild in full).
-    fn try_back(&self, i: usize) -> Result<(String, bool), String> {
-        let slot = &self.slots[i];
+    /// the record knew (to rebuild in full); `None` when another replica
+    /// took the slot meanwhile.
+    fn try_back(&self, i: usize, generation: u64) -> Result<Option<(String, bool)>, String> {
+        let slot = &self.slots()[i];
         let mut how = "it answers again";
         let mut replaced = false;
-        let reopened = {
-            let reopen = slot.reopen.lock();
-            match reopen.as_ref() {
-                Some(f) => Some(f()?),
-                None => None,
+        // The way to reopen it is taken out while it runs (an NBD connect
+        // may take its timeout): a membership change never waits on it.
+        let reopen = slot.reopen.lock().take();
+        if let Some(f) = reopen {
+            let opened = f().and_then(|(r, identity)| {
+                if r.size() == self.size {
+                    Ok((r, identity))
+                } else {
+                    Err(format!(
+                        "it opened with size {} bytes, but the disk has {} bytes",
+                        r.size(),
+                        self.size
+                    ))
+                }
+            });
+            let _control = self.control.lock();
+            if slot.generation() != generation {
+                return Ok(None);
             }
-        };
-        if let Some((r, identity)) = reopened {
-            if r.size() != self.size {
-                return Err(format!(
-                    "it opened with size {} bytes, but the disk has {} bytes",
-                    r.size(),
-                    self.size
-                ));
-            }
+            let (r, identity) = match opened {
+                Ok(o) => o,
+                Err(why) => {
+                    *slot.reopen.lock() = Some(f);
+                    return Err(why);
+                }
+            };
             if let Some(h) = &self.heal
                 && h.adopt(i, identity)
             {
@@ -414,13 +608,12 @@ impl Members {
                 how = "it could be opened";
             }
             *slot.replica.write() = Arc::from(r);
-            *slot.reopen.lock() = None;
         }
         let mut probe = vec![0u8; self.size.min(4096) as usize];
         slot.replica()
             .read_at(&mut probe, 0)
             .map_err(|e| e.to_string())?;
-        Ok((how.to_owned(), replaced))
+        Ok(Some((how.to_owned(), replaced)))
     }
 }
 

@@ -31,6 +31,33 @@
 //! - **header** (states, identities, clean flag): written to the slot not
 //!   in use, then `fdatasync`ed, so a torn header write leaves the other.
 //!
+//! Membership changes on a running disk (`Disk::replace_replica`,
+//! `remove_replica`, `add_replica`) are written before the replicas
+//! change, each step made durable before the next:
+//!
+//! | change  | 1. bitmap pages, `fdatasync`     | 2. header, `fdatasync`                     | then, in memory        |
+//! |---------|----------------------------------|--------------------------------------------|------------------------|
+//! | replace | every chunk of the slot missed   | state `new`, the new replica's identity    | swap the replica       |
+//! | remove  | every chunk of the slot missed   | state removed (5), identity 0              | empty the slot         |
+//! | add     | every chunk missed (a slot that is reused), or a new map appended after the last (growth) | state `new`, identity; with growth the header counts one more replica | fill the slot |
+//!
+//! A crash after step 1 leaves bits set that only cost a rebuild; after
+//! step 2 the record already says what the disk became. A replica whose
+//! slot says removed or new comes back rebuilt in full, never trusted.
+//! While a new replica is rebuilt the record keeps it `new` (not
+//! `resyncing`), so a restart resumes a rebuild as one.
+//!
+//! The missed maps are last in the file, in replica order: growing by one
+//! replica appends a map where nothing lay, and the header (the commit
+//! point, written after the map is synced) is what counts it; a header
+//! counting fewer replicas ignores what lies beyond its maps. So growth
+//! needs no new file and no new format version: a version 2 reader sees
+//! an ordinary record. A record that lists more replicas than the disk
+//! has is used when every one past the disk's count is removed or new
+//! (they are then forgotten): the configuration was saved without the
+//! last replica after removing it, or not yet saved with a replica that
+//! was being added when the daemon stopped.
+//!
 //! The file is locked (`flock`, exclusive) for as long as it is open, so
 //! two daemons, or a daemon and `quorum check`, never share it.
 
@@ -50,6 +77,13 @@ const PAGE: usize = 4096;
 const PAGE_BITS: u64 = ((PAGE - 8) * 8) as u64;
 const HEADER_FIXED: usize = 56;
 const REPLICA_ENTRY: usize = 24;
+/// The most replicas a header can list.
+const MAX_ENTRIES: usize = quorum_vote::MAX_REPLICAS;
+
+/// A replica's state byte in the record when its slot was removed from the
+/// disk (not a `ReplicaState`: an older reader takes it for stale, which is
+/// not trusted either).
+pub const STATE_REMOVED: u8 = 5;
 
 /// What the record says of one replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -346,7 +380,9 @@ impl Record {
                     "size {} / region {} / chunk {}, expected {size} / {region} / {chunk}",
                     h.size, h.region, h.chunk
                 )))
-            } else if h.replicas.len() != replicas {
+            } else if h.replicas.len() < replicas
+                || h.replicas[replicas..].iter().any(|e| !holds_nothing(e))
+            {
                 Err(Distrust::Mismatch(format!(
                     "{} replicas, expected {replicas}",
                     h.replicas.len()
@@ -373,7 +409,11 @@ impl Record {
                 {
                     bad += load_pages(&file, map).map_err(|e| io_err("cannot read", e))?;
                 }
-                (h.clone(), None, bad, Some(h))
+                // Replicas past the disk's count, that hold nothing it
+                // relies on, are forgotten.
+                let mut current = h.clone();
+                current.replicas.truncate(replicas);
+                (current, None, bad, Some(h))
             }
             Err(_) if read_only => return Ok(None),
             Err(why) => {
@@ -430,6 +470,11 @@ impl Record {
     /// Change the header and write it durably to the slot not in use.
     pub fn write_header(&self, f: impl FnOnce(&mut Header)) -> Result<(), RecordError> {
         let _g = self.sync.lock();
+        self.write_header_locked(f)
+    }
+
+    /// [`Record::write_header`], with the sync lock held.
+    fn write_header_locked(&self, f: impl FnOnce(&mut Header)) -> Result<(), RecordError> {
         let (slot, bytes) = {
             let mut inner = self.inner.lock();
             f(&mut inner.header);
@@ -440,6 +485,57 @@ impl Record {
             .write_all_at(&bytes, slot * SLOT)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| self.io("cannot write the header", e))
+    }
+
+    /// Append one replica, `entry`, with every chunk missed (a replica
+    /// added to a running disk, to rebuild in full); returns its index.
+    /// Its missed map goes after the last one and is synced before the
+    /// header that counts it is written (see the module doc): a crash in
+    /// between leaves the record as it was.
+    pub fn grow(&self, entry: ReplicaEntry) -> Result<usize, RecordError> {
+        let _g = self.sync.lock();
+        let (i, pages) = {
+            let mut inner = self.inner.lock();
+            let i = inner.missed.len();
+            if i >= MAX_ENTRIES || inner.header.replicas.len() != i {
+                return Err(self.io(
+                    "cannot list one more replica",
+                    io::Error::other(format!("it lists {i}, the most is {MAX_ENTRIES}")),
+                ));
+            }
+            let base = match inner.missed.last() {
+                Some(m) => m.base + m.bytes(),
+                None => inner.unknown.base + inner.unknown.bytes(),
+            };
+            let mut map = Bitmap::new(base, inner.header.size.div_ceil(inner.header.chunk));
+            map.set_all();
+            let pages: Vec<(u64, Vec<u8>)> = (0..map.pages())
+                .map(|p| (map.base + (p * PAGE) as u64, map.encode(p)))
+                .collect();
+            map.changed.fill(false);
+            inner.missed.push(map);
+            (i, pages)
+        };
+        let written = pages
+            .iter()
+            .try_for_each(|(at, bytes)| self.file.write_all_at(bytes, *at))
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            self.inner.lock().missed.pop();
+            return Err(self.io("cannot write a new replica's missed chunks", e));
+        }
+        let res = self.write_header_locked(|h| h.replicas.push(entry));
+        if res.is_err() {
+            let mut inner = self.inner.lock();
+            inner.missed.pop();
+            inner.header.replicas.truncate(i);
+        }
+        res.map(|()| i)
+    }
+
+    /// Replicas the record lists.
+    pub fn replica_count(&self) -> usize {
+        self.inner.lock().missed.len()
     }
 
     fn io(&self, what: &str, source: io::Error) -> RecordError {
@@ -653,6 +749,13 @@ pub fn mark_new(
             h.replicas[i].identity = 0;
         }
     })
+}
+
+/// A replica the disk relies on for nothing: removed, or added and not
+/// yet rebuilt. A record listing such replicas past the disk's own is
+/// still the disk's (they are forgotten).
+fn holds_nothing(e: &ReplicaEntry) -> bool {
+    e.state == STATE_REMOVED || e.state == crate::ReplicaState::New as u8
 }
 
 /// What [`inspect`] finds in a record, read without taking its lock (a
@@ -984,5 +1087,67 @@ mod tests {
         drop(f);
         let o = open(&p);
         assert!(matches!(o.distrust, Some(Distrust::Corrupt(_))));
+    }
+
+    #[test]
+    fn grown_replica_is_listed_and_all_missed_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.state");
+        {
+            let o = open(&p);
+            o.record.mark_missed(2, 7..8);
+            o.record.sync().unwrap();
+            let entry = ReplicaEntry {
+                state: 4,
+                generation: 1,
+                identity: 99,
+            };
+            assert_eq!(o.record.grow(entry).unwrap(), 3);
+        }
+        let o = Record::open(&p, 64 * MIB, 4 * MIB, 64 << 10, 4).unwrap();
+        let h = o.record.header();
+        assert_eq!(
+            (
+                o.distrust,
+                o.bad_pages,
+                h.replicas.len(),
+                h.replicas[3].identity,
+                o.record.missed_count(2),
+                o.record.missed_count(3)
+            ),
+            (None, 0, 4, 99, 1, 1024)
+        );
+    }
+
+    #[test]
+    fn removed_replicas_past_the_disks_count_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.state");
+        {
+            let o = open(&p);
+            o.record.mark_missed(1, 3..4);
+            o.record.sync().unwrap();
+            o.record
+                .write_header(|h| h.replicas[2].state = STATE_REMOVED)
+                .unwrap();
+        }
+        let o = Record::open(&p, 64 * MIB, 4 * MIB, 64 << 10, 2).unwrap();
+        assert_eq!(
+            (
+                o.distrust,
+                o.record.header().replicas.len(),
+                o.record.missed_count(1)
+            ),
+            (None, 2, 1)
+        );
+    }
+
+    #[test]
+    fn replicas_past_the_disks_count_that_hold_data_are_a_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.state");
+        drop(open(&p));
+        let o = Record::open(&p, 64 * MIB, 4 * MIB, 64 << 10, 2).unwrap();
+        assert!(matches!(o.distrust, Some(Distrust::Mismatch(_))));
     }
 }

@@ -13,7 +13,14 @@
 //!  stats.rs   DiskStats: client requests counted and timed at this API
 //!  scrub.rs   scrub: read_and_vote ─▶ Divergence list (─▶ rewrite with repair)
 //!  scrub_job.rs  online scrub: a thread walks the disk with scrub, reports, throttles
+//!  control.rs replicas_info; replace/add/remove a replica (record first, then a
+//!             quiesced swap); resync rate
 //! ```
+//!
+//! Replicas are addressed by slot index (their bit in vote masks); a
+//! removed replica leaves an empty slot inside `slots()` that is never up
+//! (see [`crate::membership`]). The public lists (`replica_names`,
+//! `replica_states`, `stats`, ...) leave empty slots out.
 
 mod control;
 mod fanout;
@@ -356,7 +363,12 @@ impl Disk {
                         ReplicaState::New
                     } else if h.record.missed_count(i) == 0 {
                         ReplicaState::InSync
-                    } else if h.record.header().replicas[i].state == ReplicaState::New as u8 {
+                    } else if matches!(
+                        h.record.header().replicas[i].state,
+                        s if s == ReplicaState::New as u8 || s == crate::record::STATE_REMOVED
+                    ) {
+                        // Being rebuilt, or removed from the disk since
+                        // (then back in the configuration): rebuilt in full.
                         ReplicaState::New
                     } else {
                         ReplicaState::Stale
@@ -371,8 +383,8 @@ impl Disk {
         let slots = members
             .into_iter()
             .map(|m| match m.replica {
-                Ok(r) => Slot::new(m.name, r),
-                Err(why) => Slot::missing(m.name, size, why, m.reopen),
+                Ok(r) => Slot::new(m.name, m.uri, r),
+                Err(why) => Slot::missing(m.name, m.uri, size, why, m.reopen),
             })
             .collect::<Vec<_>>();
         for (s, st) in slots.iter().zip(&initial) {
@@ -384,9 +396,9 @@ impl Disk {
         for (i, st) in initial.iter().enumerate() {
             if matches!(st, ReplicaState::Stale | ReplicaState::New) {
                 tracing::warn!(
-                    replica = %members.slots[i].name,
+                    replica = %members.slots()[i].name,
                     "replica {} is {st}: {} MiB to resync",
-                    members.slots[i].name,
+                    members.slots()[i].name,
                     members.heal.as_ref().map_or(0, |h| h.record.missed_count(i) * h.record.header().chunk) >> 20
                 );
             }
@@ -412,31 +424,38 @@ impl Disk {
         self.size
     }
 
+    /// The slots in use, by index (a removed replica leaves an empty one
+    /// until an added replica takes it: check [`Slot::is_present`]).
     fn slots(&self) -> &[Slot] {
-        &self.members.slots
+        self.members.slots()
+    }
+
+    /// The replicas' slots, in order, without the empty ones.
+    fn present(&self) -> impl Iterator<Item = &Slot> {
+        self.slots().iter().filter(|s| s.is_present())
     }
 
     /// Number of replicas.
     pub fn replica_count(&self) -> usize {
-        self.slots().len()
+        self.present().count()
     }
 
     /// Node names of the replicas, in order.
     pub fn replica_names(&self) -> Vec<&str> {
-        self.slots().iter().map(|s| s.name.as_str()).collect()
+        self.present().map(|s| s.name.as_str()).collect()
     }
 
     /// Each replica's state, in order.
     pub fn replica_states(&self) -> Vec<ReplicaState> {
-        self.slots().iter().map(Slot::state).collect()
+        self.present().map(Slot::state).collect()
     }
 
-    /// The replicas that are failed now: index, node name and why.
+    /// The replicas that are failed now: slot index, node name and why.
     pub fn failed_replicas(&self) -> Vec<(usize, String, String)> {
         self.slots()
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.is_up())
+            .filter(|(_, s)| s.is_present() && !s.is_up())
             .map(|(i, s)| (i, s.name.clone(), s.reason()))
             .collect()
     }
@@ -463,22 +482,25 @@ impl Disk {
         self.members.heal_now()
     }
 
-    /// Missed bytes per replica, as the record has them (`None` without
-    /// tracking).
+    /// Missed bytes per replica, in order, as the record has them (`None`
+    /// without tracking).
     pub fn missed_bytes(&self) -> Option<Vec<u64>> {
         let h = self.members.heal.as_ref()?;
         let chunk = h.record.header().chunk;
         Some(
-            (0..self.slots().len())
-                .map(|i| h.record.missed_count(i) * chunk)
+            self.slots()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.is_present())
+                .map(|(i, _)| h.record.missed_count(i) * chunk)
                 .collect(),
         )
     }
 
-    /// Exact per-replica counters.
+    /// Exact per-replica counters, in order. A slot's counters go on
+    /// across replacements (they are per node name, and monotonic).
     pub fn stats(&self) -> Vec<ReplicaStats> {
-        self.slots()
-            .iter()
+        self.present()
             .map(|s| s.counters.snapshot(&s.name))
             .collect()
     }

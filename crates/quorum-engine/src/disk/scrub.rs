@@ -55,8 +55,17 @@ impl Disk {
         let buf_slice = &mut buf[..len as usize];
         let (voted, errors) = self.read_and_vote(offset, buf_slice, self.opts.granularity);
         let mut out = Vec::new();
+        // Empty slots (removed replicas) read as failed copies in the vote;
+        // they are no replica's failure.
+        let present: Mask = self
+            .slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_present())
+            .fold(0, |m, (i, _)| m | 1 << i);
         match &voted.verdict {
             Verdict::Agreed { blocks, failed } => {
+                let failed = &(*failed & present);
                 self.settle_scrub(
                     offset,
                     buf_slice,
@@ -83,7 +92,8 @@ impl Disk {
                 decided,
                 ..
             } => {
-                let all: Mask = (1 << self.slots().len()) - 1;
+                let failed = &(*failed & present);
+                let all = present;
                 let ranges = if undecided.is_empty() {
                     vec![(0, len as usize)]
                 } else {
