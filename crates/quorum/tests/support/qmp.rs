@@ -188,14 +188,12 @@ impl Qmp {
     }
 
     /// The first event (received before or within `timeout`) for which
-    /// `pred` holds, removed from [`Qmp::events`] with those before it.
+    /// `pred` holds, removed from [`Qmp::events`] (the others stay).
     pub fn wait_event(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(i) = self.events.iter().position(&pred) {
-                let found = self.events[i].clone();
-                self.events.drain(..=i);
-                return found;
+                return self.events.remove(i);
             }
             let left = deadline
                 .checked_duration_since(Instant::now())
