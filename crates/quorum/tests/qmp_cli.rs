@@ -1,7 +1,7 @@
 //! The monitor from the command line: serve's default socket beside the
 //! record and its runtime file, `quorum status` live through the running
 //! daemon and offline otherwise (stopped, killed, --no-qmp), `status --qmp`,
-//! and the refusals of `replace` and `scrub`.
+//! `replace` and `scrub` with `--wait`, and their refusals.
 
 mod support;
 
@@ -199,16 +199,8 @@ fn scrub_and_replace_through_the_monitor_refuse_clearly() {
     let out = scrub(&disk, &["--cancel"]);
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("no scrub is running"), "{out}");
-    // Until the engine scrubs online it refuses; either way no usage error.
     let out = scrub(&disk, &["--wait"]);
-    assert!(
-        out.ok() && out.stdout.contains("scrub completed")
-            || out.code == Some(1)
-                && out
-                    .stderr
-                    .starts_with("quorum: the daemon refused to scrub: "),
-        "{out}"
-    );
+    assert!(out.ok() && out.stdout.contains("scrub completed"), "{out}");
 
     let replace = |args: &[&str], input: Option<&str>| {
         let s = state(&disk);
@@ -252,4 +244,57 @@ fn scrub_and_replace_through_the_monitor_refuse_clearly() {
         "{s:#}"
     );
     assert_eq!(d.stop(), Some(0));
+}
+
+#[test]
+fn scrub_wait_reports_and_repairs_and_replace_wait_rebuilds() {
+    let disk = disk();
+    let xml = disk.xml.to_str().unwrap().to_owned();
+    let s = state(&disk);
+    let s = s.to_str().unwrap();
+    // The record knows every region, so serve's first comparison leaves
+    // the planted blocks to the scrub.
+    let out = quorum(["check", "--repair", "--state", s, &xml]);
+    assert!(out.ok(), "{out}");
+    disk.poke_raw(0, 8192, &[0xab; 4096]);
+    disk.poke_raw(2, 1 << 20, &[0xcd; 4096]);
+    let d = serve(&disk, &[]);
+
+    // Without --repair: found, not repaired, exit bit 4.
+    let out = scrub(&disk, &["--wait"]);
+    assert_eq!(out.code, Some(4), "{out}");
+    assert_eq!(disk.peek_raw(0, 8192, 4096), vec![0xab; 4096]);
+    // With it: repaired, exit 0, the replicas equal again.
+    let out = scrub(&disk, &["--repair", "--wait"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(disk.peek_raw(0, 8192, 4096), vec![0u8; 4096]);
+    assert_eq!(disk.peek_raw(2, 1 << 20, 4096), vec![0u8; 4096]);
+    let out = scrub(&disk, &["--wait"]);
+    assert_eq!(out.code, Some(0), "a second scan finds nothing: {out}");
+
+    // Replace replica-1 by a file full of garbage; --wait returns once it
+    // is rebuilt, and it is then byte-identical.
+    let new = disk.file("new.raw");
+    std::fs::write(&new, vec![0x77u8; 4 << 20]).unwrap();
+    let fragment = format!(
+        "<backingStore type='file'><format type='raw'/><source file='{}'/></backingStore>",
+        new.display()
+    );
+    let out = support::run_with_input(
+        std::process::Command::new(support::QUORUM)
+            .args(["replace", &xml, "--state", s, "replica-1", "-", "--wait"])
+            .env("QUORUM_STATE_DIR", support::state_dir()),
+        Some(&fragment),
+        support::TIMEOUT,
+    );
+    assert!(out.ok(), "{out}");
+    let st = status_json(&disk, &[]);
+    let r1 = &st["monitor"]["quorum"]["replicas"][1];
+    assert_eq!(r1["state"], "in-sync", "{st:#}");
+    assert_eq!(r1["uri"], new.display().to_string(), "{st:#}");
+    assert_eq!(d.stop(), Some(0));
+    assert_eq!(
+        std::fs::read(&new).unwrap(),
+        std::fs::read(disk.path(0)).unwrap()
+    );
 }

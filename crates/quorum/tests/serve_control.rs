@@ -250,3 +250,58 @@ fn online_scrub_repairs_planted_corruption_while_fio_writes() {
         assert_eq!(disk.peek_raw(i, off, 4096), vec![0x5a; 4096]);
     }
 }
+
+#[test]
+fn remove_then_add_through_the_monitor_never_below_the_threshold() {
+    let size = 16 * MIB;
+    let disk = Disk::raw_filled(3, size, 0x5a, &Options::default());
+    let dir = disk.dir.path().to_path_buf();
+    let qmp_path = dir.join("qmp.sock");
+    let d = Daemon::start(&disk, &["--qmp", qmp_path.to_str().unwrap()]);
+    let mut q = Qmp::connect(&qmp_path);
+
+    q.ok("quorum-replica-remove", json!({"replica": "replica-2"}));
+    let ev = q.wait_event(LONG, |e| {
+        e["event"] == "QUORUM_REPLICA_STATE" && e["data"]["node-name"] == "replica-2"
+    });
+    assert_eq!(ev["data"]["new"], "removed", "{ev}");
+    let v = q.ok("query-quorum", json!({}));
+    assert_eq!(v["replicas"].as_array().map(Vec::len), Some(2), "{v}");
+    // Threshold 2 of the 2 left: removing another is refused.
+    let err = q
+        .execute("quorum-replica-remove", json!({"replica": "replica-1"}))
+        .expect_err("removing below the threshold");
+    assert_eq!(err["class"], "GenericError", "{err}");
+    assert!(err["desc"].as_str().unwrap().contains("threshold"), "{err}");
+    // The removed file is released and no longer written.
+    let removed = disk.path(2).to_path_buf();
+    let out = support::qemu_io(&d.uri, &["write -P 0x21 1M 1M"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(disk.peek_raw(2, MIB, 4096), vec![0x5a; 4096]);
+    let out = support::qemu_io_file_out(&removed, support::Format::Raw, "read 0 4k");
+    assert!(out.ok(), "the removed replica is still locked: {out}");
+
+    // A new, empty replica takes the free slot and is rebuilt in full.
+    let new = dir.join("added.raw");
+    create_image(&new, support::Format::Raw, size, None);
+    let xml = format!(
+        "<backingStore type='file'><format type='raw'/><source file='{}'/></backingStore>",
+        new.display()
+    );
+    let added = q.ok("quorum-replica-add", json!({"backing-store": xml}));
+    let name = added["replica"]
+        .as_str()
+        .expect("the new node name")
+        .to_owned();
+    assert_eq!(name, "replica-2");
+    q.wait_event(LONG, |e| {
+        e["event"] == "QUORUM_RESYNC_COMPLETED" && e["data"]["node-name"] == name
+    });
+    let v = q.ok("query-quorum", json!({}));
+    assert_eq!(replica(&v, &name)["state"], "in-sync", "{v}");
+    assert_eq!(v["replicas"].as_array().map(Vec::len), Some(3), "{v}");
+    let out = support::qemu_io(&d.uri, &["read -P 0x21 1M 1M", "read -P 0x5a 0 1M"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+    assert_same_files(&new, disk.path(0));
+}

@@ -39,8 +39,9 @@ Examples:
   quorum replace disk.xml replica-1 new.xml --wait
   quorum replace --qmp /run/quorum/vda.qmp replica-2 - < new.xml")]
 pub struct Args {
-    /// FILE REPLICA NEW.xml (or REPLICA NEW.xml with --qmp).
-    #[arg(value_name = "ARGS", num_args = 2..=3, required = true)]
+    /// FILE REPLICA NEW.xml (or REPLICA NEW.xml with --qmp); options may
+    /// come between them.
+    #[arg(value_name = "[FILE] REPLICA NEW.xml", num_args = 1..=3, required = true)]
     pub args: Vec<PathBuf>,
     #[command(flatten)]
     pub monitor: MonitorArgs,

@@ -192,27 +192,16 @@ fn open_new(ctx: &Context, xml: &str, name: &str) -> Result<quorum_engine::Membe
         .map_err(|e| QmpError::generic(format!("invalid backing-store: {e}")))?;
     let read_only = ctx.disk.options().read_only;
     quorum_engine::open_member(&src, name.to_owned(), &ctx.open_opts, read_only).map_err(|e| {
-        let mut desc = format!("cannot open {}: {}", src.display_name(), chain(&e));
+        let mut desc = format!(
+            "cannot open {}: {}",
+            src.display_name(),
+            quorum_replica::chain(&e)
+        );
         if let Some(hint) = e.hint() {
             desc.push_str(&format!(" (hint: {hint})"));
         }
         QmpError::generic(desc)
     })
-}
-
-/// Every cause of `e`, each once, joined by `: `.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !out.ends_with(&t) {
-            out.push_str(": ");
-            out.push_str(&t);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 fn replica_replace(ctx: &Context, a: &Map<String, Value>) -> Result<Value, QmpError> {
