@@ -235,8 +235,9 @@ impl Event {
                     event = "QUORUM_RESYNC_COMPLETED",
                     node_name = %node_name,
                     bytes,
-                    "replica {node_name} is resynced ({} MiB copied)",
-                    bytes >> 20
+                    // Worded as before the event existed: scripts and the
+                    // bench look for it.
+                    "resync of {node_name} completed: {bytes} bytes copied"
                 );
             }
             Event::ScrubCompleted {
