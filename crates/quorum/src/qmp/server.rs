@@ -23,8 +23,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::commands::{self, Context};
-use super::framer::{Frame, Framer};
 use super::{QmpError, failure, line, parse_request, success};
+use qmp_proto::{Frame, Framer};
 
 /// Unread bytes queued for one client before it is disconnected.
 pub const MAX_BACKLOG: usize = 64 << 20;
