@@ -28,6 +28,22 @@ pub struct Divergence {
     pub repaired: bool,
 }
 
+impl Divergence {
+    /// Append to `list`, merged into its last range when adjacent with the
+    /// same outcome (how `quorum check` and the online scrub list them).
+    pub fn merge_into(self, list: &mut Vec<Divergence>) {
+        if let Some(last) = list.last_mut()
+            && last.offset + last.length == self.offset
+            && (last.bad, last.failed, last.has_quorum, last.repaired)
+                == (self.bad, self.failed, self.has_quorum, self.repaired)
+        {
+            last.length += self.length;
+            return;
+        }
+        list.push(self);
+    }
+}
+
 impl Disk {
     /// Read and vote `[offset, offset + len)` without events, reporting the
     /// ranges where replicas disagree; with `repair`, rewrite the losers.

@@ -340,7 +340,7 @@ impl Disk {
             st.progress.done_bytes = at;
             let list = &mut st.progress.divergences;
             for d in found {
-                push_merged(list, d);
+                d.merge_into(list);
             }
             // The last range may still grow in the next step.
             let upto = list.len().saturating_sub(1).max(walk.reported);
@@ -437,20 +437,6 @@ fn run(disk: Weak<Disk>, shared: Arc<Shared>, repair: bool, rate: u64) {
     }
 }
 
-/// Append `d`, merged into the last range when adjacent with the same
-/// outcome (as `quorum check` lists them).
-fn push_merged(out: &mut Vec<Divergence>, d: Divergence) {
-    if let Some(last) = out.last_mut()
-        && last.offset + last.length == d.offset
-        && (last.bad, last.failed, last.has_quorum, last.repaired)
-            == (d.bad, d.failed, d.has_quorum, d.repaired)
-    {
-        last.length += d.length;
-        return;
-    }
-    out.push(d);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,10 +455,10 @@ mod tests {
     #[test]
     fn adjacent_ranges_with_the_same_outcome_merge() {
         let mut l = Vec::new();
-        push_merged(&mut l, div(0, 4096, 1));
-        push_merged(&mut l, div(4096, 4096, 1));
-        push_merged(&mut l, div(8192, 4096, 2));
-        push_merged(&mut l, div(16384, 4096, 2));
+        div(0, 4096, 1).merge_into(&mut l);
+        div(4096, 4096, 1).merge_into(&mut l);
+        div(8192, 4096, 2).merge_into(&mut l);
+        div(16384, 4096, 2).merge_into(&mut l);
         assert_eq!(
             l,
             vec![div(0, 8192, 1), div(8192, 4096, 2), div(16384, 4096, 2)]

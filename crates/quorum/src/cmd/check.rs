@@ -222,7 +222,7 @@ fn scrub_all(
             } else {
                 checked += l;
                 for d in disk.scrub(at, l, repair).context("scrub")? {
-                    push_merged(&mut out, d);
+                    d.merge_into(&mut out);
                 }
             }
             at += l;
@@ -234,18 +234,6 @@ fn scrub_all(
         offset = at;
     }
     Ok((out, checked, skipped))
-}
-
-fn push_merged(out: &mut Vec<Divergence>, d: Divergence) {
-    if let Some(last) = out.last_mut()
-        && last.offset + last.length == d.offset
-        && (last.bad, last.failed, last.has_quorum, last.repaired)
-            == (d.bad, d.failed, d.has_quorum, d.repaired)
-    {
-        last.length += d.length;
-        return;
-    }
-    out.push(d);
 }
 
 fn print_table(r: &Report, names: &[String]) {

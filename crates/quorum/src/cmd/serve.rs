@@ -453,7 +453,7 @@ async fn bind(args: &Args, name: &str) -> anyhow::Result<(Listener, String)> {
 }
 
 /// A socket file left by a daemon that died is replaced; a live one is not.
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());

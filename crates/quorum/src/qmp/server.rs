@@ -103,26 +103,14 @@ pub fn monitor_path(qmp: Option<&Path>, no_qmp: bool, record: Option<&Path>) -> 
 /// Bind the monitor socket at `path`, mode 0600 (it can replace replicas).
 /// A socket left by a dead daemon is replaced; a live one is not.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         bail!(
             "monitor socket path {} is longer than {MAX_SOCKET_PATH} bytes",
             path.display()
         );
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            bail!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            );
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by a running monitor", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
+    crate::cmd::serve::remove_stale_socket(path)?;
     // The socket is created under umask 077 so that nobody else can
     // connect in the moment before the chmod below.
     // SAFETY: umask has no preconditions; it is restored right after.
