@@ -237,6 +237,15 @@ fn scrub_and_replace_through_the_monitor_refuse_clearly() {
             .contains(&format!("cannot open {}", missing.display())),
         "{out}"
     );
+    // The hint says how to make the image, at the disk's size.
+    assert!(
+        out.stderr.contains(&format!(
+            "qemu-img create -f raw {} {}",
+            missing.display(),
+            4 << 20
+        )),
+        "{out}"
+    );
     // The disk still serves, every replica in place.
     let s = status_json(&disk, &[]);
     assert_eq!(

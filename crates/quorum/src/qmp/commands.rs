@@ -197,7 +197,21 @@ fn open_new(ctx: &Context, xml: &str, name: &str) -> Result<quorum_engine::Membe
             src.display_name(),
             quorum_replica::chain(&e)
         );
-        if let Some(hint) = e.hint() {
+        // A replacement is made by hand, at the running disk's size; the
+        // generic hint (quorum create from the disk's XML) does not fit.
+        let missing = matches!(&e, quorum_replica::OpenError::Io { op, source, .. }
+            if *op == "open" && source.kind() == std::io::ErrorKind::NotFound);
+        let hint = if missing {
+            Some(format!(
+                "create the image first, as large as the disk: qemu-img create -f {} {} {}",
+                src.format.as_str(),
+                src.display_name(),
+                ctx.disk.size()
+            ))
+        } else {
+            e.hint()
+        };
+        if let Some(hint) = hint {
             desc.push_str(&format!(" (hint: {hint})"));
         }
         QmpError::generic(desc)
