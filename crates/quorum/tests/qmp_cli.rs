@@ -278,6 +278,14 @@ fn scrub_wait_reports_and_repairs_and_replace_wait_rebuilds() {
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(disk.peek_raw(0, 8192, 4096), vec![0u8; 4096]);
     assert_eq!(disk.peek_raw(2, 1 << 20, 4096), vec![0u8; 4096]);
+    // The live status says how the last scrub ended.
+    let st = quorum(["status", &xml, "--state", s]);
+    assert!(st.ok(), "{st}");
+    assert!(
+        st.stdout
+            .contains("Scrub : completed (repair): 4.0 MiB scanned, 2 divergent range(s)"),
+        "{st}"
+    );
     let out = scrub(&disk, &["--wait"]);
     assert_eq!(out.code, Some(0), "a second scan finds nothing: {out}");
 

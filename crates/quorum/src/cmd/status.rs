@@ -109,6 +109,19 @@ pub struct Live {
     pub socket: PathBuf,
     /// Its `query-quorum` reply, as is.
     pub quorum: serde_json::Value,
+    /// Its `query-scrub` reply (the current or last online scrub), as is.
+    pub scrub: serde_json::Value,
+}
+
+/// Ask a monitor for what the live view shows.
+fn ask(socket: PathBuf, c: &mut Client) -> anyhow::Result<Live> {
+    let quorum = c.execute("query-quorum", json!({}))?;
+    let scrub = c.execute("query-scrub", json!({}))?;
+    Ok(Live {
+        socket,
+        quorum,
+        scrub,
+    })
 }
 
 /// The disk as the XML and the record describe it.
@@ -185,8 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // --qmp alone: the monitor is all there is.
         let socket = args.qmp.clone().expect("clap requires FILE or --qmp");
         let mut c = Client::connect(&socket)?;
-        let quorum = c.execute("query-quorum", json!({}))?;
-        let status = from_monitor(Live { socket, quorum });
+        let status = from_monitor(ask(socket, &mut c)?);
         print(&status, args.json)?;
         return Ok(ExitCode::SUCCESS);
     };
@@ -202,8 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     if let Some((socket, mut c)) = live {
-        let quorum = c.execute("query-quorum", json!({}))?;
-        apply_live(&mut status, Live { socket, quorum });
+        apply_live(&mut status, ask(socket, &mut c)?);
     }
     print(&status, args.json)?;
     let record_ok = status.record.as_ref().is_some_and(|r| r.status == "ok");
@@ -545,6 +556,41 @@ fn print_live_disk(m: &Live, line: &dyn Fn(&str, String)) {
             &format!("{} latency", capitalise(op)),
             latency_text(&st["latency"][op]),
         );
+    }
+    line("Scrub", scrub_text(&m.scrub));
+}
+
+/// The online scrub in one line: none, running with progress, or how the
+/// last one ended and what it found.
+fn scrub_text(sc: &serde_json::Value) -> String {
+    let status = sc["status"].as_str().unwrap_or("?");
+    if status == "none" {
+        return "none since the daemon started (`quorum scrub FILE`)".to_owned();
+    }
+    let n = |k: &str| sc[k].as_u64().unwrap_or(0);
+    let ranges = sc["divergent"].as_array().map_or(0, Vec::len);
+    let mode = if sc["repair"].as_bool() == Some(true) {
+        "repair"
+    } else {
+        "check only"
+    };
+    let found = format!("{ranges} divergent range(s)");
+    match status {
+        "running" => format!(
+            "running ({mode}): {}% ({} of {}), {found} so far",
+            n("progress"),
+            human_size(n("done-bytes")),
+            human_size(n("total-bytes"))
+        ),
+        "failed" => format!(
+            "failed ({mode}) at {}: {}, {found}",
+            human_size(n("done-bytes")),
+            sc["error"].as_str().unwrap_or("no reason given")
+        ),
+        other => format!(
+            "{other} ({mode}): {} scanned, {found}",
+            human_size(n("done-bytes"))
+        ),
     }
 }
 
