@@ -325,6 +325,33 @@ fn replace_of_an_unknown_replica_is_refused() {
 }
 
 #[test]
+fn a_replica_of_the_disk_cannot_be_added_or_swapped_in_twice() {
+    let set = Set::new(3);
+    let d = set.open(2, 0);
+    // Replica 0's image (identity 1) put in replica 1's place, or added.
+    let err = d
+        .replace_replica("replica-1", member(&filled(0), &FaultPlan::new(), 1))
+        .unwrap_err();
+    assert!(
+        matches!(&err, ControlError::Refused(m) if m.contains("is replica-0 already")),
+        "{err}"
+    );
+    let err = d
+        .add_replica(member(&filled(0), &FaultPlan::new(), 3))
+        .unwrap_err();
+    assert!(
+        matches!(&err, ControlError::Refused(m) if m.contains("is replica-2 already")),
+        "{err}"
+    );
+    assert_eq!(d.replica_count(), 3);
+    assert!(
+        d.replica_states()
+            .iter()
+            .all(|s| *s == ReplicaState::InSync)
+    );
+}
+
+#[test]
 fn replace_and_add_without_tracking_are_refused() {
     let set = Set::new(3);
     let members = (0..3)

@@ -89,6 +89,7 @@ impl Disk {
         self.check_open(&what)?;
         let i = self.find(name)?;
         let h = self.tracking(&what)?;
+        self.check_not_a_member(&what, h, new.identity, Some(i))?;
         let replica = self.take_replica(&what, new.replica)?;
         self.check_in_sync_others(&what, Some(i))?;
         if let Err(e) = h.record_new(i, new.identity) {
@@ -132,6 +133,7 @@ impl Disk {
                 "{what}: a blkverify disk has exactly 2 replicas"
             )));
         }
+        self.check_not_a_member(what, h, new.identity, None)?;
         let replica = self.take_replica(what, new.replica)?;
         let span = self.slots().len();
         let i = self
@@ -240,6 +242,38 @@ impl Disk {
             .iter()
             .position(|s| s.is_present() && s.name == name)
             .ok_or_else(|| ControlError::NotFound(name.to_owned()))
+    }
+
+    /// Refuse a new replica that is one of the disk's replicas already
+    /// (same file under another path, or the same export): it would vote
+    /// twice. `except` is the slot it replaces.
+    fn check_not_a_member(
+        &self,
+        what: &str,
+        h: &Heal,
+        identity: u64,
+        except: Option<usize>,
+    ) -> Result<(), ControlError> {
+        if identity == 0 {
+            return Ok(());
+        }
+        let header = h.record.header();
+        for (j, s) in self.slots().iter().enumerate() {
+            if Some(j) != except
+                && s.is_present()
+                && header
+                    .replicas
+                    .get(j)
+                    .is_some_and(|e| e.identity == identity)
+            {
+                return Err(ControlError::Refused(format!(
+                    "{what}: the new replica is {} already ({}); one image cannot hold two copies",
+                    s.name,
+                    s.uri()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn check_open(&self, what: &str) -> Result<(), ControlError> {
