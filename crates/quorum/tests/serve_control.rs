@@ -305,3 +305,77 @@ fn remove_then_add_through_the_monitor_never_below_the_threshold() {
     assert_eq!(d.stop(), Some(0));
     assert_same_files(&new, disk.path(0));
 }
+
+#[test]
+fn a_dead_remote_replica_is_replaced_by_a_local_qcow2_while_the_disk_serves() {
+    use support::nbdkit::{Nbdkit, with_replicas};
+    let size = 16 * MIB;
+    let disk = Disk::new(&[support::Format::Raw; 2], size, &Options::default());
+    let dir = disk.dir.path().to_path_buf();
+    let remote = dir.join("remote.raw");
+    create_image(&remote, support::Format::Raw, size, None);
+    let mut kit = Nbdkit::start(&dir, &remote, &[], &[]);
+    let xml = with_replicas(&disk.xml_text(&Options::default()), &[&kit]);
+    std::fs::write(&disk.xml, xml).unwrap();
+    let checked = support::quorum(["check", "--repair", disk.xml.to_str().unwrap()]);
+    assert!(checked.ok(), "{checked}");
+    let qmp_path = dir.join("qmp.sock");
+    let d = Daemon::start(
+        &disk,
+        &[
+            "--qmp",
+            qmp_path.to_str().unwrap(),
+            "--replica-timeout",
+            "2",
+        ],
+    );
+    let mut q = Qmp::connect(&qmp_path);
+    let out = support::qemu_io(&d.uri, &["write -P 0x31 0 4M"]);
+    assert!(out.ok(), "{out}");
+
+    // The remote replica dies; the next write notices and goes on with 2.
+    kit.kill9();
+    let out = support::qemu_io(&d.uri, &["write -P 0x32 4M 1M"]);
+    assert!(out.ok(), "{out}");
+    let failed = q.wait_event(LONG, |e| {
+        e["event"] == "QUORUM_REPLICA_STATE"
+            && e["data"]["node-name"] == "replica-2"
+            && e["data"]["new"] == "failed"
+    });
+    assert!(failed["data"]["reason"].as_str().is_some(), "{failed}");
+
+    // A fresh local qcow2 takes its place and is rebuilt from the two.
+    let new = dir.join("new.qcow2");
+    create_image(&new, support::Format::Qcow2, size, None);
+    let fragment = format!(
+        "<backingStore type='file'><format type='qcow2'/><source file='{}'/></backingStore>",
+        new.display()
+    );
+    q.ok(
+        "quorum-replica-replace",
+        json!({"replica": "replica-2", "backing-store": fragment}),
+    );
+    q.wait_event(LONG, |e| {
+        e["event"] == "QUORUM_RESYNC_COMPLETED" && e["data"]["node-name"] == "replica-2"
+    });
+    let v = q.ok("query-quorum", json!({}));
+    let r2 = replica(&v, "replica-2");
+    assert_eq!(r2["state"], "in-sync", "{v}");
+    assert_eq!(r2["uri"], new.display().to_string(), "{v}");
+    let out = support::qemu_io(&d.uri, &["read -P 0x31 0 4M", "read -P 0x32 4M 1M"]);
+    assert!(out.ok(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+    let cmp = support::tool(
+        "qemu-img",
+        [
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            disk.path(0).to_str().unwrap(),
+            new.to_str().unwrap(),
+        ],
+    );
+    assert!(cmp.ok(), "the rebuilt qcow2 differs: {cmp}");
+}
