@@ -309,9 +309,43 @@ fn scrub_wait_reports_and_repairs_and_replace_wait_rebuilds() {
     let r1 = &st["monitor"]["quorum"]["replicas"][1];
     assert_eq!(r1["state"], "in-sync", "{st:#}");
     assert_eq!(r1["uri"], new.display().to_string(), "{st:#}");
+    // The live table shows the running disk, and says where it no longer
+    // matches the XML.
+    let text = quorum(["status", &xml, "--state", s]);
+    assert!(text.ok(), "{text}");
+    assert!(
+        text.stdout.contains(&format!(
+            "replica-1 is {} (the XML has {})",
+            new.display(),
+            disk.path(1).display()
+        )),
+        "{text}"
+    );
+    // A replica removed through the monitor is `removed`, not shifted.
+    let mut q = support::qmp::Qmp::connect(&disk.file("vda.qmp"));
+    q.ok(
+        "quorum-replica-remove",
+        serde_json::json!({"replica": "replica-0"}),
+    );
+    let st = status_json(&disk, &[]);
+    assert_eq!(st["replicas"][0]["state"], "removed", "{st:#}");
+    assert_eq!(st["replicas"][1]["state"], "in-sync", "{st:#}");
+    assert_eq!(st["replicas"][2]["state"], "in-sync", "{st:#}");
+    let text = quorum(["status", &xml, "--state", s]);
+    assert!(
+        text.stdout.contains(&format!(
+            "replica-0 ({}) was removed",
+            disk.path(0).display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.stdout.lines().any(|l| l.starts_with("replica-2 ")),
+        "{text}"
+    );
     assert_eq!(d.stop(), Some(0));
     assert_eq!(
         std::fs::read(&new).unwrap(),
-        std::fs::read(disk.path(0)).unwrap()
+        std::fs::read(disk.path(2)).unwrap()
     );
 }

@@ -270,16 +270,30 @@ fn apply_live(s: &mut Status, live: Live) {
     if s.disk.size.is_none() {
         s.disk.size = live.quorum["size"].as_u64();
     }
-    if let Some(reps) = live.quorum["replicas"].as_array() {
-        for (r, l) in s.replicas.iter_mut().zip(reps) {
-            if let Some(st) = l["state"].as_str().and_then(state_name) {
-                r.state = Some(st);
+    // The daemon names replica K of the XML `replica-K`; a replica removed
+    // through the monitor is not listed, and one added may be past the
+    // XML's last.
+    let reps = live.quorum["replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for r in s.replicas.iter_mut() {
+        let name = format!("replica-{}", r.index);
+        match reps.iter().find(|l| l["name"] == name.as_str()) {
+            Some(l) => {
+                if let Some(st) = l["state"].as_str().and_then(state_name) {
+                    r.state = Some(st);
+                }
+                if let Some(m) = l["missed-bytes"].as_u64() {
+                    r.missed_bytes = Some(m);
+                }
+                if r.source.is_empty() {
+                    r.source = l["uri"].as_str().unwrap_or("").to_owned();
+                }
             }
-            if let Some(m) = l["missed-bytes"].as_u64() {
-                r.missed_bytes = Some(m);
-            }
-            if r.source.is_empty() {
-                r.source = l["uri"].as_str().unwrap_or("").to_owned();
+            None => {
+                r.state = Some("removed");
+                r.missed_bytes = None;
             }
         }
     }
@@ -614,15 +628,43 @@ fn print_live_table(s: &Status, m: &Live) {
         "Bad votes"
     );
     let reps = m.quorum["replicas"].as_array().cloned().unwrap_or_default();
-    for (k, r) in reps.iter().enumerate() {
+    // Where the running disk no longer matches the XML (a replica
+    // replaced, added or removed through the monitor).
+    let mut drift = Vec::new();
+    for x in &s.replicas {
+        let name = format!("replica-{}", x.index);
+        match reps.iter().find(|r| r["name"] == name.as_str()) {
+            None => drift.push(format!("{name} ({}) was removed", x.source)),
+            Some(r) if !x.source.is_empty() && r["uri"] != x.source.as_str() => {
+                drift.push(format!(
+                    "{name} is {} (the XML has {})",
+                    r["uri"].as_str().unwrap_or("?"),
+                    x.source
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if !s.replicas.is_empty() {
+        for r in &reps {
+            let name = r["name"].as_str().unwrap_or("?");
+            if !s
+                .replicas
+                .iter()
+                .any(|x| format!("replica-{}", x.index) == name)
+            {
+                drift.push(format!(
+                    "{name} ({}) was added",
+                    r["uri"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    for r in &reps {
         let n = |key: &str| r[key].as_u64().unwrap_or(0);
         let errors = n("read-errors") + n("write-errors") + n("flush-errors") + n("timeouts");
-        let source = s
-            .replicas
-            .get(k)
-            .map(|x| x.source.clone())
-            .filter(|x| !x.is_empty())
-            .unwrap_or_else(|| r["uri"].as_str().unwrap_or("").to_owned());
+        // The running disk's own view: after a replace it differs from the XML.
+        let source = r["uri"].as_str().unwrap_or("").to_owned();
         outln!(
             "{:<11} {:<10} {:>12} {:>7} {:>7} {:>9}  {}",
             r["name"].as_str().unwrap_or("?"),
@@ -639,6 +681,15 @@ fn print_live_table(s: &Status, m: &Live) {
         );
         if let Some(why) = r["reason"].as_str() {
             outln!("{:<11} failed: {why}", "");
+        }
+    }
+    if !drift.is_empty() {
+        outln!();
+        outln!(
+            "The running disk differs from its XML (changed through the monitor); edit the XML to match once every replica is in-sync:"
+        );
+        for d in drift {
+            outln!("  {d}");
         }
     }
 }

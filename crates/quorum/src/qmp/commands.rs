@@ -326,6 +326,12 @@ pub fn query_quorum(disk: &Disk) -> Value {
                 "flush": latency(&d.flush_latency),
             },
         },
+        "record": disk.heal_stats().map(|h| json!({
+            "dirty-regions": h.dirty_regions,
+            "unsettled-regions": h.unsettled_regions,
+            "resync-bytes": h.resync_bytes,
+            "reconciled-bytes": h.reconciled_bytes,
+        })),
         "replicas": replicas,
     })
 }
