@@ -23,8 +23,8 @@ mod range_lock;
 pub mod record;
 
 pub use disk::{
-    BuildError, ControlError, Disk, DiskStats, Divergence, IoError, Member, Options, ReadPattern,
-    ReplicaInfo, ScrubProgress, ScrubState, Tracking, merge_status, strerror,
+    AllocationWalk, BuildError, ControlError, Disk, DiskStats, Divergence, IoError, Member,
+    Options, ReadPattern, ReplicaInfo, ScrubProgress, ScrubState, Tracking, merge_status, strerror,
 };
 pub use events::{Event, LATENCY_BOUNDS_NS, Latency, OpType, ReplicaStats, sectors};
 pub use membership::{Reopen, ReplicaState};

@@ -566,3 +566,55 @@ fn the_rate_limit_spaces_the_steps() {
         started.elapsed()
     );
 }
+
+/// The scrubs' walk: allocated pieces of at most a step, zero pieces whole,
+/// contiguous from start to end, with block status asked once per window
+/// (256 MiB) rather than once per piece: each ask costs a SEEK_HOLE that
+/// on tmpfs walks every page up to the next hole.
+#[test]
+fn allocation_walk_covers_the_disk_asking_block_status_once_per_window() {
+    use quorum_engine::AllocationWalk;
+    use quorum_replica::testing::{FaultPlan, Op};
+    const MIB: u64 = 1 << 20;
+    let size = 300 * MIB;
+    let plans: Vec<FaultPlan> = (0..3).map(|_| FaultPlan::new()).collect();
+    let replicas: Vec<(String, Box<dyn Replica>)> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mem = MemReplica::new(size);
+            // Data in [8 MiB, 11 MiB) and [280 MiB, 281 MiB); zero elsewhere.
+            mem.write_at(&vec![7u8; 3 * MIB as usize], 8 * MIB, false)
+                .unwrap();
+            mem.write_at(&vec![7u8; MIB as usize], 280 * MIB, false)
+                .unwrap();
+            let inner: Arc<dyn Replica> = Arc::new(mem);
+            let r: Box<dyn Replica> = Box::new(FaultyReplica::with_plan(inner, p.clone()));
+            (format!("r{i}"), r)
+        })
+        .collect();
+    let disk = Disk::new(replicas, with_threshold(2)).unwrap();
+    let mut walk = AllocationWalk::new(0, size);
+    let mut pieces = Vec::new();
+    while let Some(p) = walk.next(&disk, MIB).unwrap() {
+        pieces.push(p);
+    }
+    let mut at = 0;
+    for &(o, l, _) in &pieces {
+        assert_eq!(o, at, "pieces are contiguous: {pieces:?}");
+        assert!(l > 0);
+        at += l;
+    }
+    assert_eq!(at, size);
+    let data: Vec<(u64, u64)> = pieces
+        .iter()
+        .filter(|p| !p.2)
+        .map(|p| (p.0 / MIB, p.1 / MIB))
+        .collect();
+    assert_eq!(data, vec![(8, 1), (9, 1), (10, 1), (280, 1)]);
+    // Zero ranges come whole (cut only where a window ends).
+    assert!(pieces.len() <= 8, "{pieces:?}");
+    for p in &plans {
+        assert_eq!(p.calls(Op::BlockStatus), 2, "one ask per 256 MiB window");
+    }
+}

@@ -48,7 +48,7 @@ pub use quorum_config::ReadPattern;
 pub use scrub::Divergence;
 pub use scrub_job::{ScrubProgress, ScrubState};
 pub use stats::DiskStats;
-pub use status::merge_status;
+pub use status::{AllocationWalk, merge_status};
 
 /// Requests at least this large reach their replicas on the worker pool in
 /// parallel; smaller ones go one after another on the calling thread, which

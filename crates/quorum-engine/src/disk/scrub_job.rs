@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
-use super::{ControlError, Disk, Divergence};
+use super::{AllocationWalk, ControlError, Disk, Divergence};
 use crate::events::{Counters, Event, OpType};
 
 /// Bytes scrubbed per step (and held under one range lock at most).
@@ -192,8 +192,8 @@ struct Walk {
     repair: bool,
     rate: u64,
     started: Instant,
-    /// Next offset to scan.
-    offset: u64,
+    /// Where the walk is, and the allocation status ahead of it.
+    alloc: AllocationWalk,
     /// Bytes read and voted (not skipped), for throttling.
     checked: u64,
     /// Divergences listed whose events have been emitted.
@@ -300,41 +300,33 @@ impl Disk {
         true
     }
 
-    /// Scan one step from `walk.offset`: skip what every replica reports
-    /// unallocated, scrub the rest, publish progress and report the
-    /// divergent ranges that are complete. Returns false at the end.
+    /// Scan one piece from where the walk is: skip it when every replica
+    /// reports it unallocated, else scrub it (at most [`STEP`] bytes);
+    /// publish progress and report the divergent ranges that are complete.
+    /// Returns false at the end.
     fn scrub_step(&self, shared: &Shared, walk: &mut Walk) -> Result<bool, String> {
-        let offset = walk.offset;
-        let len = STEP.min(self.size - offset);
-        let extents = self
-            .block_status(offset, len)
-            .map_err(|e| format!("block status: {e}"))?;
+        let Some((at, l, zero)) = walk
+            .alloc
+            .next(self, STEP)
+            .map_err(|e| format!("block status: {e}"))?
+        else {
+            return Ok(false);
+        };
         let mut found = Vec::new();
-        let mut at = offset;
-        for e in extents {
-            let l = e.length.min(offset + len - at);
-            if l == 0 {
-                break;
-            }
-            if !e.zero {
-                let (divergences, errors) = self
-                    .scrub_range(at, l, walk.repair)
-                    .map_err(|e| format!("scrub: {e}"))?;
-                for (i, e) in errors.iter().enumerate() {
-                    if let Some(e) = e {
-                        Counters::add(&self.slots()[i].counters.read_errors, 1);
-                        self.report_bad(i, OpType::Read, Some(e), at, l);
-                    }
+        if !zero {
+            let (divergences, errors) = self
+                .scrub_range(at, l, walk.repair)
+                .map_err(|e| format!("scrub: {e}"))?;
+            for (i, e) in errors.iter().enumerate() {
+                if let Some(e) = e {
+                    Counters::add(&self.slots()[i].counters.read_errors, 1);
+                    self.report_bad(i, OpType::Read, Some(e), at, l);
                 }
-                found.extend(divergences);
-                walk.checked += l;
             }
-            at += l;
+            found = divergences;
+            walk.checked += l;
         }
-        if at == offset {
-            return Err(format!("block status made no progress at offset {offset}"));
-        }
-        walk.offset = at;
+        let at = walk.alloc.offset();
         let complete = {
             let mut st = shared.state.lock();
             st.progress.done_bytes = at;
@@ -404,11 +396,12 @@ impl Disk {
 /// The job thread: walk the disk step by step, each with a reference to the
 /// disk taken for the step only.
 fn run(disk: Weak<Disk>, shared: Arc<Shared>, repair: bool, rate: u64) {
+    let size = disk.upgrade().map_or(0, |d| d.size);
     let mut walk = Walk {
         repair,
         rate,
         started: Instant::now(),
-        offset: 0,
+        alloc: AllocationWalk::new(0, size),
         checked: 0,
         reported: 0,
     };
@@ -425,7 +418,7 @@ fn run(disk: Weak<Disk>, shared: Arc<Shared>, repair: bool, rate: u64) {
         let outcome = match stop {
             Some(Stop::Cancel) => Outcome::Cancelled,
             Some(Stop::Close) => Outcome::Failed("the disk closed".into()),
-            None if walk.offset >= d.size => Outcome::Completed,
+            None if walk.alloc.offset() >= d.size => Outcome::Completed,
             None => match d.scrub_step(&shared, &mut walk) {
                 Ok(true) => continue,
                 Ok(false) => Outcome::Completed,
@@ -472,7 +465,7 @@ mod tests {
             repair: false,
             rate: 1 << 20,
             started,
-            offset: 0,
+            alloc: AllocationWalk::new(0, 0),
             checked: 0,
             reported: 0,
         };

@@ -210,28 +210,17 @@ fn scrub_all(
 ) -> anyhow::Result<(Vec<Divergence>, u64, u64)> {
     let mut out: Vec<Divergence> = Vec::new();
     let (mut checked, mut skipped) = (0u64, 0u64);
-    let mut offset = 0;
-    while offset < disk.size() {
-        let len = STEP.min(disk.size() - offset);
-        let extents = disk.block_status(offset, len).context("block status")?;
-        let mut at = offset;
-        for e in extents {
-            let l = e.length.min(offset + len - at);
-            if e.zero {
-                skipped += l;
-            } else {
-                checked += l;
-                for d in disk.scrub(at, l, repair).context("scrub")? {
-                    d.merge_into(&mut out);
-                }
+    let mut walk = quorum_engine::AllocationWalk::new(0, disk.size());
+    while let Some((at, l, zero)) = walk.next(disk, STEP).context("block status")? {
+        if zero {
+            skipped += l;
+        } else {
+            checked += l;
+            for d in disk.scrub(at, l, repair).context("scrub")? {
+                d.merge_into(&mut out);
             }
-            at += l;
         }
-        if at == offset {
-            bail!("block status made no progress at offset {offset}");
-        }
-        progress.set_position(at);
-        offset = at;
+        progress.set_position(walk.offset());
     }
     Ok((out, checked, skipped))
 }
