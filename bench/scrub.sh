@@ -10,7 +10,7 @@
 #                     reading everything through its driver is the closest it
 #                     comes (it votes, and repairs only with rewrite-corrupted)
 #   quorum-full-read  the same nbdcopy through quorum serve
-#   quorum-scrub      quorum scrub --qmp SOCK --wait against the same daemon:
+#   quorum-scrub      quorum scrub --qmp SOCK --rate 0 --wait, same daemon:
 #                     the online scrub (rate 0, no repair)
 #   quorum-check      quorum check, the offline scrub, on its own record
 # Part "impact": fio 4 KiB random reads (QD32, RUNTIME s after RAMP s)
@@ -118,7 +118,7 @@ if [[ " $PARTS " == *" speed "* ]]; then
       case $t in
         qemu-full-read) taskset -c "$CLIENT_CPU" timeout 600 nbdcopy "$QURI" null: ;;
         quorum-full-read) taskset -c "$CLIENT_CPU" timeout 600 nbdcopy "$OURI" null: ;;
-        quorum-scrub) taskset -c "$CLIENT_CPU" timeout 600 "$Q" scrub --qmp "$MON" --wait >/dev/null ;;
+        quorum-scrub) taskset -c "$CLIENT_CPU" timeout 600 "$Q" scrub --qmp "$MON" --rate 0 --wait >/dev/null ;;
         quorum-check) rm -f "$RUN/check.state"
           taskset -c "$DAEMON_CPU" timeout 600 "$Q" check "$X" --state "$RUN/check.state" >/dev/null ;;
       esac

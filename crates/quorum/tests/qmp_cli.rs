@@ -278,6 +278,9 @@ fn scrub_wait_reports_and_repairs_and_replace_wait_rebuilds() {
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(disk.peek_raw(0, 8192, 4096), vec![0u8; 4096]);
     assert_eq!(disk.peek_raw(2, 1 << 20, 4096), vec![0u8; 4096]);
+    // Without --rate the scrub runs at the resync's default, 200 MiB/s.
+    let js = status_json(&disk, &[]);
+    assert_eq!(js["monitor"]["scrub"]["rate"], 200 << 20, "{js:#}");
     // The live status says how the last scrub ended.
     let st = quorum(["status", &xml, "--state", s]);
     assert!(st.ok(), "{st}");

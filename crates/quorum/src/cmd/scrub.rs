@@ -47,7 +47,8 @@ pub struct Args {
     /// Rewrite the blocks of replicas that lost the vote.
     #[arg(long, conflicts_with = "cancel")]
     pub repair: bool,
-    /// Most bytes per second to scan (e.g. 100M); default: no limit.
+    /// Most bytes per second to scan (e.g. 100M; 0 for no limit); default
+    /// 200M, as the resync, which leaves most of the I/O to the guest.
     #[arg(long, value_name = "RATE", value_parser = parse_size, conflicts_with = "cancel")]
     pub rate: Option<u64>,
     /// Wait for the end, with a progress bar on a terminal; the exit status
