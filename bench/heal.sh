@@ -34,6 +34,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 BASE=${BASE:-/dev/shm/quorum-heal-bench}
 OUT=${OUT:-$BASE/results.tsv}
 REPS=${REPS:-3}
@@ -65,17 +67,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-stop_pid() { # SIGTERM, wait up to 10 s, then SIGKILL
-  local p=$1 i
-  kill -0 "$p" 2>/dev/null || return 0
-  kill "$p" 2>/dev/null
-  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
-  wait "$p" 2>/dev/null || true
-}
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; } # utime+stime of one process
 HZ=$(getconf CLK_TCK)
-now() { date +%s.%N; }
 gen() { # $1=key $2=out $3=MiB: deterministic pseudo-random content
   openssl enc -aes-128-ctr -nosalt -K "$(printf "%032d" "$1")" -iv 00000000000000000000000000000000 \
     -in /dev/zero 2>/dev/null | head -c $(($3 * 1048576)) > "$2" || true
@@ -92,15 +85,6 @@ xml() { # $1=out $2.. replica files
     echo "  <target dev='vda' bus='virtio'/>"
     echo "</disk>"
   } > "$out"
-}
-wait_sock() { # $1=pid $2=uri: bounded wait until the export answers
-  local i
-  for i in $(seq 200); do
-    timeout 5 nbdinfo --size "$2" >/dev/null 2>&1 && return 0
-    kill -0 "$1" 2>/dev/null || break
-    sleep 0.05
-  done
-  echo "daemon $1 did not come up" >&2; return 1
 }
 wait_log() { # $1=log $2=regex $3=seconds: bounded wait for a log line
   local i

@@ -26,6 +26,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 BASE=${BASE:-/dev/shm/quorum-scrub-bench}
 REPS=${REPS:-3}
 SIZE_MIB=${SIZE_MIB:-1024}
@@ -51,24 +53,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-stop_pid() { # SIGTERM, wait up to 10 s, then SIGKILL
-  local p=$1 i
-  kill -0 "$p" 2>/dev/null || return 0
-  kill "$p" 2>/dev/null
-  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null
-  wait "$p" 2>/dev/null || true
-}
-now() { date +%s.%N; }
-wait_sock() { # $1=pid $2=uri: bounded wait until the export answers
-  local i
-  for i in $(seq 200); do
-    timeout 5 nbdinfo --size "$2" >/dev/null 2>&1 && return 0
-    kill -0 "$1" 2>/dev/null || break
-    sleep 0.05
-  done
-  echo "daemon $1 did not come up" >&2; return 1
-}
 median() { python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 echo "# generating 3 x $SIZE_MIB MiB of data" >&2
