@@ -372,13 +372,9 @@ pub(crate) struct Counters {
     pub(crate) rewritten_bytes: AtomicU64,
     pub(crate) rewrite_errors: AtomicU64,
     pub(crate) skipped: AtomicU64,
-    pub(crate) reads: AtomicU64,
-    pub(crate) writes: AtomicU64,
-    pub(crate) flushes: AtomicU64,
     pub(crate) timeouts: AtomicU64,
-    pub(crate) read_latency: LatencyCounter,
-    pub(crate) write_latency: LatencyCounter,
-    pub(crate) flush_latency: LatencyCounter,
+    /// Reads, writes and flushes asked of it, and their latency.
+    pub(crate) ops: OpLatencies,
 }
 
 /// Upper bounds (nanoseconds) of the latency histogram buckets: powers of
@@ -432,6 +428,36 @@ impl LatencyCounter {
                 .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
         }
+    }
+}
+
+/// One latency histogram per operation. A histogram's count is the
+/// number of operations of its kind: nothing else counts them.
+#[derive(Debug, Default)]
+pub(crate) struct OpLatencies {
+    read: LatencyCounter,
+    write: LatencyCounter,
+    flush: LatencyCounter,
+}
+
+impl OpLatencies {
+    /// Count one `op` that took `d`.
+    pub(crate) fn record(&self, op: OpType, d: Duration) {
+        match op {
+            OpType::Read => &self.read,
+            OpType::Write => &self.write,
+            OpType::Flush => &self.flush,
+        }
+        .record(d);
+    }
+
+    /// Read, write and flush histograms, as counted so far.
+    pub(crate) fn snapshot(&self) -> [Latency; 3] {
+        [
+            self.read.snapshot(),
+            self.write.snapshot(),
+            self.flush.snapshot(),
+        ]
     }
 }
 
@@ -522,7 +548,7 @@ impl Counters {
     /// Make one call to the replica, counting it as `op` (`None`: block
     /// status, counted only if it times out) and timing it.
     ///
-    /// Two clock reads and a few relaxed atomic adds: cheap enough to wrap
+    /// Two clock reads and three relaxed atomic adds: cheap enough to wrap
     /// every replica call the disk makes.
     pub(crate) fn timed<T>(
         &self,
@@ -536,14 +562,7 @@ impl Counters {
         };
         let start = Instant::now();
         let r = call();
-        let took = start.elapsed();
-        let (count, latency) = match op {
-            OpType::Read => (&self.reads, &self.read_latency),
-            OpType::Write => (&self.writes, &self.write_latency),
-            OpType::Flush => (&self.flushes, &self.flush_latency),
-        };
-        Counters::add(count, 1);
-        latency.record(took);
+        self.ops.record(op, start.elapsed());
         self.note_timeout(&r);
         r
     }
@@ -558,6 +577,7 @@ impl Counters {
 
     pub(crate) fn snapshot(&self, node_name: &str) -> ReplicaStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let [read_latency, write_latency, flush_latency] = self.ops.snapshot();
         ReplicaStats {
             node_name: node_name.to_owned(),
             read_errors: g(&self.read_errors),
@@ -569,13 +589,13 @@ impl Counters {
             rewritten_bytes: g(&self.rewritten_bytes),
             rewrite_errors: g(&self.rewrite_errors),
             skipped: g(&self.skipped),
-            reads: g(&self.reads),
-            writes: g(&self.writes),
-            flushes: g(&self.flushes),
+            reads: read_latency.count,
+            writes: write_latency.count,
+            flushes: flush_latency.count,
             timeouts: g(&self.timeouts),
-            read_latency: self.read_latency.snapshot(),
-            write_latency: self.write_latency.snapshot(),
-            flush_latency: self.flush_latency.snapshot(),
+            read_latency,
+            write_latency,
+            flush_latency,
         }
     }
 }

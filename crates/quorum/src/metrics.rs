@@ -188,50 +188,57 @@ impl Collector for DiskCollector {
         )?;
 
         // Per replica.
-        let by = |name: &'static str| {
-            move |s: &quorum_engine::ReplicaStats| -> u64 {
-                match name {
-                    "reads" => s.reads,
-                    "writes" => s.writes,
-                    "flushes" => s.flushes,
-                    "read_errors" => s.read_errors,
-                    "write_errors" => s.write_errors,
-                    "flush_errors" => s.flush_errors,
-                    "bad_votes" => s.voted_out_reads,
-                    "bad_vote_bytes" => s.voted_out_bytes,
-                    "rewrites" => s.rewrites,
-                    "rewritten_bytes" => s.rewritten_bytes,
-                    "rewrite_errors" => s.rewrite_errors,
-                    "timeouts" => s.timeouts,
-                    _ => s.skipped,
-                }
-            }
-        };
-        for (field, help) in [
-            ("reads", "Reads asked of the replica"),
+        type Field = fn(&quorum_engine::ReplicaStats) -> u64;
+        let fields: [(&str, &str, Field); 13] = [
+            ("reads", "Reads asked of the replica", |s| s.reads),
             (
                 "writes",
                 "Writes, write-zeroes and discards asked of the replica",
+                |s| s.writes,
             ),
-            ("flushes", "Flushes asked of the replica"),
-            ("read_errors", "Reads that failed on the replica"),
-            ("write_errors", "Writes that failed on the replica"),
-            ("flush_errors", "Flushes that failed on the replica"),
+            ("flushes", "Flushes asked of the replica", |s| s.flushes),
+            ("read_errors", "Reads that failed on the replica", |s| {
+                s.read_errors
+            }),
+            ("write_errors", "Writes that failed on the replica", |s| {
+                s.write_errors
+            }),
+            ("flush_errors", "Flushes that failed on the replica", |s| {
+                s.flush_errors
+            }),
             (
                 "bad_votes",
                 "Times the replica was outvoted (a read or scrub range where its copy lost)",
+                |s| s.voted_out_reads,
             ),
-            ("bad_vote_bytes", "Bytes in which the replica was outvoted"),
-            ("rewrites", "Rewrites of outvoted ranges on the replica"),
-            ("rewritten_bytes", "Bytes rewritten on the replica"),
-            ("rewrite_errors", "Rewrites that failed on the replica"),
-            ("timeouts", "Requests that timed out on the replica"),
+            (
+                "bad_vote_bytes",
+                "Bytes in which the replica was outvoted",
+                |s| s.voted_out_bytes,
+            ),
+            (
+                "rewrites",
+                "Rewrites of outvoted ranges on the replica",
+                |s| s.rewrites,
+            ),
+            ("rewritten_bytes", "Bytes rewritten on the replica", |s| {
+                s.rewritten_bytes
+            }),
+            (
+                "rewrite_errors",
+                "Rewrites that failed on the replica",
+                |s| s.rewrite_errors,
+            ),
+            ("timeouts", "Requests that timed out on the replica", |s| {
+                s.timeouts
+            }),
             (
                 "skipped",
                 "Requests that went without the replica because it was failed",
+                |s| s.skipped,
             ),
-        ] {
-            let get = by(field);
+        ];
+        for (field, help, get) in fields {
             family(
                 &mut enc,
                 &format!("quorum_replica_{field}"),

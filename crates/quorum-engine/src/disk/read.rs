@@ -22,16 +22,7 @@ pub(super) struct Voted {
 impl Disk {
     /// Read `buf.len()` bytes at `offset`, by the disk's read pattern.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let start = Instant::now();
-        let len = buf.len() as u64;
-        let r = self.check_range("read", offset, len).and_then(|()| {
-            if buf.is_empty() {
-                return Ok(());
-            }
-            self.read_voted(offset, buf).map(drop)
-        });
-        self.requests.done(OpType::Read, len, start, &r);
-        r
+        self.read_request(offset, buf).map(drop)
     }
 
     /// [`Disk::read`], and also where the voted bytes sit unchanged in a
@@ -44,6 +35,17 @@ impl Disk {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<Option<FileRegion>, IoError> {
+        let len = buf.len() as u64;
+        let winners = self.read_request(offset, buf)?;
+        Ok((0..self.slots().len())
+            .filter(|i| winners & (1 << i) != 0)
+            .find_map(|i| self.slots()[i].replica().file_region(offset, len)))
+    }
+
+    /// A client read: checked, read by the read pattern, counted and timed
+    /// in the disk's request counters. Returns the replicas whose copy won
+    /// every block (none for an empty read).
+    fn read_request(&self, offset: u64, buf: &mut [u8]) -> Result<Mask, IoError> {
         let start = Instant::now();
         let len = buf.len() as u64;
         let r = self.check_range("read", offset, len).and_then(|()| {
@@ -53,10 +55,7 @@ impl Disk {
             self.read_voted(offset, buf)
         });
         self.requests.done(OpType::Read, len, start, &r);
-        let winners = r?;
-        Ok((0..self.slots().len())
-            .filter(|i| winners & (1 << i) != 0)
-            .find_map(|i| self.slots()[i].replica().file_region(offset, len)))
+        r
     }
 
     /// Read under a shared range lock; returns the replicas whose copy is

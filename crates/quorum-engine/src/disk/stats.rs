@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::{Disk, IoError};
-use crate::events::{Counters, Latency, LatencyCounter, OpType};
+use crate::events::{Counters, Latency, OpLatencies, OpType};
 
 /// Disk-wide request counters: what the disk's clients asked.
 ///
@@ -43,18 +43,14 @@ pub struct DiskStats {
     pub flush_latency: Latency,
 }
 
-/// The live counters behind [`DiskStats`]: atomics only.
+/// The live counters behind [`DiskStats`]: atomics only. The request
+/// counts are the latency histograms' counts.
 #[derive(Debug, Default)]
 pub(super) struct DiskCounters {
-    reads: AtomicU64,
     read_bytes: AtomicU64,
-    writes: AtomicU64,
     written_bytes: AtomicU64,
-    flushes: AtomicU64,
     failed: AtomicU64,
-    read_latency: LatencyCounter,
-    write_latency: LatencyCounter,
-    flush_latency: LatencyCounter,
+    ops: OpLatencies,
 }
 
 impl DiskCounters {
@@ -67,14 +63,12 @@ impl DiskCounters {
         start: Instant,
         result: &Result<T, IoError>,
     ) {
-        let took = start.elapsed();
-        let (count, bytes, latency) = match op {
-            OpType::Read => (&self.reads, Some(&self.read_bytes), &self.read_latency),
-            OpType::Write => (&self.writes, Some(&self.written_bytes), &self.write_latency),
-            OpType::Flush => (&self.flushes, None, &self.flush_latency),
+        self.ops.record(op, start.elapsed());
+        let bytes = match op {
+            OpType::Read => Some(&self.read_bytes),
+            OpType::Write => Some(&self.written_bytes),
+            OpType::Flush => None,
         };
-        Counters::add(count, 1);
-        latency.record(took);
         match (result, bytes) {
             (Err(_), _) => Counters::add(&self.failed, 1),
             (Ok(_), Some(b)) => Counters::add(b, len),
@@ -84,16 +78,17 @@ impl DiskCounters {
 
     fn snapshot(&self) -> DiskStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let [read_latency, write_latency, flush_latency] = self.ops.snapshot();
         DiskStats {
-            reads: g(&self.reads),
+            reads: read_latency.count,
             read_bytes: g(&self.read_bytes),
-            writes: g(&self.writes),
+            writes: write_latency.count,
             written_bytes: g(&self.written_bytes),
-            flushes: g(&self.flushes),
+            flushes: flush_latency.count,
             failed: g(&self.failed),
-            read_latency: self.read_latency.snapshot(),
-            write_latency: self.write_latency.snapshot(),
-            flush_latency: self.flush_latency.snapshot(),
+            read_latency,
+            write_latency,
+            flush_latency,
         }
     }
 }
