@@ -379,3 +379,65 @@ fn a_dead_remote_replica_is_replaced_by_a_local_qcow2_while_the_disk_serves() {
     );
     assert!(cmp.ok(), "the rebuilt qcow2 differs: {cmp}");
 }
+
+#[test]
+fn a_daemon_killed_during_a_rebuild_resumes_it_and_never_reads_the_new_replica_early() {
+    let size = 32 * MIB;
+    let disk = Disk::raw_filled(3, size, 0x5a, &Options::default());
+    let dir = disk.dir.path().to_path_buf();
+    let state = dir.join("vda.state");
+    let state_arg = state.to_str().unwrap().to_owned();
+    let qmp_path = dir.join("qmp.sock");
+    let qmp_arg = qmp_path.to_str().unwrap().to_owned();
+    // Slow enough that the rebuild is still going when the daemon dies.
+    let args = [
+        "--state",
+        state_arg.as_str(),
+        "--qmp",
+        qmp_arg.as_str(),
+        "--resync-rate",
+        "4M",
+    ];
+    let d = Daemon::start(&disk, &args);
+    let mut q = Qmp::connect(&qmp_path);
+    let new = dir.join("new.raw");
+    std::fs::write(&new, vec![0x77u8; size as usize]).unwrap();
+    let fragment = format!(
+        "<backingStore type='file'><format type='raw'/><source file='{}'/></backingStore>",
+        new.display()
+    );
+    q.ok(
+        "quorum-replica-replace",
+        json!({"replica": "replica-1", "backing-store": fragment}),
+    );
+    wait_quorum(&mut q, "the rebuild under way", |v| {
+        replica(v, "replica-1")["resync-progress"]
+            .as_u64()
+            .is_some_and(|p| p > 0)
+    });
+    drop(q);
+    d.kill9();
+
+    // The XML now names the new replica; the same record carries on.
+    let text = disk.xml_text(&Options::default()).replace(
+        &disk.path(1).display().to_string(),
+        &new.display().to_string(),
+    );
+    std::fs::write(&disk.xml, text).unwrap();
+    let d = Daemon::start(&disk, &args);
+    // Its garbage is never read or voted: every block reads the majority's
+    // data, and replica-1 is never outvoted (it was not asked).
+    let out = support::qemu_io(&d.uri, &[&format!("read -P 0x5a 0 {size}")]);
+    assert!(out.ok(), "{out}");
+    let mut q = Qmp::connect(&qmp_path);
+    let r1 = replica(&q.ok("query-quorum", json!({})), "replica-1").clone();
+    assert_eq!(r1["bad-votes"], 0, "{r1}");
+    assert_ne!(r1["state"], "in-sync", "{r1}");
+    assert!(r1["missed-bytes"].as_u64().unwrap() > 0, "{r1}");
+    q.ok("quorum-set-resync-rate", json!({"rate": 0}));
+    wait_quorum(&mut q, "the rebuild resumed and done", |v| {
+        replica(v, "replica-1")["state"] == "in-sync"
+    });
+    assert_eq!(d.stop(), Some(0));
+    assert_same_files(&new, disk.path(0));
+}
